@@ -1,0 +1,110 @@
+r"""Train a multi-scale (or flat) wavelet-conditional denoiser model.
+
+  python launch/train.py --flagfile=launch/configs/quickstart.flags
+  python launch/train.py --flagfile=launch/configs/celeba160.flags --workdir=/ckpt/ms160
+  python launch/train.py --flagfile=launch/configs/celeba160.flags --nets=cond0  # one scale
+
+Runs data-parallel over every device of every host. Re-running the same command resumes
+from the latest checkpoints in --workdir.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+from launch import common  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and figures.")
+flags.mark_flag_as_required("workdir")
+# Data.
+flags.DEFINE_string("data", "embedded",
+                    "'embedded' (PyWavelets' photographs), 'folder:/path' or 'tfds:name[:split]'.")
+flags.DEFINE_integer("image_size", 64, "Training image size (square).", lower_bound=4)
+flags.DEFINE_enum("color", "grey", ["grey", "colour"], "Grey (mean of RGB) or colour images.")
+flags.DEFINE_enum("crop", "none", ["none", "celeba", "center"], "Crop before resizing.")
+flags.DEFINE_float("eval_fraction", 0.1, "Held-out share of a folder for evaluation.",
+                   lower_bound=0.0, upper_bound=0.5)
+flags.DEFINE_integer("max_images", 0, "Use at most this many images (0 = all).", lower_bound=0)
+flags.DEFINE_bool("flips", True, "Random horizontal flips.")
+# Model.
+flags.DEFINE_integer("levels", 2, "Wavelet levels J; 0 trains a flat denoiser.", lower_bound=0)
+flags.DEFINE_string("wavelet", "haar", "Orthogonal PyWavelets wavelet.")
+flags.DEFINE_enum("wavelet_mode", "periodization", ["periodization", "symmetric", "reflect", "zero"],
+                  "Boundary mode (periodization is the orthonormal one).")
+flags.DEFINE_integer("cond_rf", 9, "Receptive field of the conditional nets.")
+flags.DEFINE_integer("low_rf", 41, "Receptive field of the low-pass net.")
+flags.DEFINE_integer("flat_rf", 43, "Receptive field of a flat net (levels=0).")
+flags.DEFINE_integer("num_layers", 21, "Layers of the conditional / flat nets.", lower_bound=2)
+flags.DEFINE_integer("low_num_layers", 20, "Layers of the low-pass net.", lower_bound=2)
+flags.DEFINE_integer("features", 64, "Channels of the hidden layers.", lower_bound=1)
+# Optimisation.
+flags.DEFINE_integer("batch_size", 512, "Global batch size.", lower_bound=1)
+flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0.0)
+flags.DEFINE_integer("num_steps", 10000, "Steps of the finest net.", lower_bound=1)
+flags.DEFINE_integer("lr_halve_every", 1000, "Finest net's steps between lr halvings.",
+                     lower_bound=1)
+flags.DEFINE_float("level_multiplier", 4.0, "Net at level j trains multiplier**j x longer.",
+                   lower_bound=0.0)
+flags.DEFINE_integer("noise_min", 0, "Smallest noise std, /255.", lower_bound=0)
+flags.DEFINE_integer("noise_max", 255, "Largest noise std, /255.", lower_bound=0)
+flags.DEFINE_bool("quadratic_noise", True, "Square the sampled std (favours small noise).")
+flags.DEFINE_bool("intensity_augmentation", True, "Scale low-pass images by U(0, 1).")
+flags.DEFINE_integer("seed", 0, "Seed of initialisation, noise and data order.")
+flags.DEFINE_enum("conv_impl", "xla", ["xla", "matmul"], "How 3x3 convolutions are lowered.")
+flags.DEFINE_bool("remat", False, "Rematerialise each block in the backward pass (less memory).")
+# Run.
+flags.DEFINE_list("nets", [], "Nets to train (default all): flat | low,cond0,cond1,...")
+flags.DEFINE_integer("log_every", 50, "Steps between log lines.", lower_bound=1)
+flags.DEFINE_integer("eval_every", 200, "Steps between per-scale PSNR evaluations.", lower_bound=1)
+flags.DEFINE_float("eval_sigma", 0.1, "Noise std of the per-scale PSNR.", lower_bound=0.0)
+flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.", lower_bound=1)
+flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept per net.", lower_bound=1)
+flags.DEFINE_integer("stop_after", 0, "Stop after this many steps of this run (0 = never).",
+                     lower_bound=0)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+  common.setup_logging()
+  from wcdm_jax import data, models, trainer, training  # pylint: disable=g-import-not-at-top
+  if FLAGS.noise_max < FLAGS.noise_min:
+    raise app.UsageError("--noise_max must be >= --noise_min")
+  channels = 1 if FLAGS.color == "grey" else 3
+  size = (FLAGS.image_size, FLAGS.image_size)
+  try:
+    if FLAGS.levels == 0:
+      spec = models.ModelSpec(low=models.flat_spec(FLAGS.flat_rf, channels, FLAGS.num_layers,
+                                                   FLAGS.features), image_size=size)
+    else:
+      spec = models.multiscale_spec(FLAGS.levels, FLAGS.cond_rf, FLAGS.low_rf, channels, size,
+                                    FLAGS.wavelet, FLAGS.num_layers, FLAGS.low_num_layers,
+                                    FLAGS.features, FLAGS.wavelet_mode)
+    data_cfg = data.DataConfig(FLAGS.data, FLAGS.image_size, channels, FLAGS.crop,
+                               FLAGS.eval_fraction, FLAGS.flips, FLAGS.max_images)
+    cfg = training.TrainConfig(
+        batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, num_steps=FLAGS.num_steps,
+        lr_halve_every=FLAGS.lr_halve_every, level_multiplier=FLAGS.level_multiplier,
+        noise_min=FLAGS.noise_min, noise_max=FLAGS.noise_max,
+        quadratic_noise=FLAGS.quadratic_noise,
+        intensity_augmentation=FLAGS.intensity_augmentation, seed=FLAGS.seed,
+        conv_impl=FLAGS.conv_impl, remat=FLAGS.remat)
+    run = trainer.RunConfig(
+        workdir=FLAGS.workdir, nets=tuple(FLAGS.nets), log_every=FLAGS.log_every,
+        eval_every=FLAGS.eval_every, eval_sigma=FLAGS.eval_sigma,
+        checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
+        stop_after=FLAGS.stop_after)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  common.write_flags(FLAGS, os.path.join(FLAGS.workdir, "train.flags"))
+  final = trainer.train(spec, data_cfg, cfg, run, log=common.log)
+  for name, m in final.items():
+    common.log(f"final {name}: noisy {m['psnr_noisy']:.2f} dB -> denoised "
+               f"{m['psnr_denoised']:.2f} dB")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,21 @@
+"""Test setup: 4 simulated CPU devices, and paths to ../shared (tests using it skip cleanly)."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("WCDM_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
+FIXTURES = os.path.join(SHARED, "reference", "fixtures")
+RELEASE = os.path.join(SHARED, "reference", "lcv-denoisers")
+DATA = os.path.join(SHARED, "data")
+
+
+def shared_path(*parts: str) -> str:
+  """Path inside ../shared, or skip the test when it is absent."""
+  path = os.path.join(SHARED, *parts)
+  if not os.path.exists(path):
+    pytest.skip(f"{path} not available (../shared is absent)")
+  return path

@@ -1,0 +1,91 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import shared_path
+from wcdm_jax import data
+
+
+def test_embedded_is_deterministic_and_sharded():
+  cfg = data.DataConfig(image_size=32)
+  a = data.make_source(cfg, 8, seed=1).batch(5)
+  b = data.make_source(cfg, 8, seed=1).batch(5)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == (8, 32, 32, 1) and a.dtype == np.float32
+  assert 0 <= a.min() and a.max() <= 1 and a.std() > 0.05
+  assert not np.array_equal(a, data.make_source(cfg, 8, seed=1).batch(6))
+  assert not np.array_equal(a, data.make_source(cfg, 8, seed=2).batch(5))
+  halves = [data.make_source(cfg, 8, 1, "train", i, 2).batch(5) for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate(halves), a)
+  ev = data.make_source(cfg, 8, seed=1, split="eval").batch(5)
+  assert not np.array_equal(ev, a)
+
+
+def test_embedded_colour_is_an_error():
+  with pytest.raises(ValueError, match="grey"):
+    data.make_source(data.DataConfig(channels=3), 4)
+
+
+def _write_images(folder, n=6, size=(40, 30)):
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.RandomState(0)
+  for i in range(n):
+    img = (rng.rand(size[0], size[1], 3) * 255).astype(np.uint8)
+    Image.fromarray(img).save(os.path.join(folder, f"im{i}.png"))
+
+
+def test_folder_epochs_splits_and_preprocessing(tmp_path):
+  _write_images(str(tmp_path))
+  cfg = data.DataConfig(source=f"folder:{tmp_path}", image_size=16, crop="center",
+                        eval_fraction=0.34, flips=False)
+  train = data.make_source(cfg, 2, seed=0)
+  assert train.num_examples == 4
+  seen = np.concatenate([train.indices(s) for s in range(2)])
+  assert sorted(seen.tolist()) == [0, 1, 2, 3]  # one epoch = a permutation
+  batch = train.batch(0)
+  assert batch.shape == (2, 16, 16, 1)
+  ev = data.make_source(cfg, 2, seed=0, split="eval")
+  assert ev.num_examples == 2
+  # grey = mean of RGB, before the crop and resize.
+  img = np.asarray(Image.open(os.path.join(str(tmp_path), "im0.png")))
+  x = data.preprocess(img, 30, 1, "center")
+  np.testing.assert_allclose(x[..., 0], img[5:35].astype(np.float32).mean(-1) / 255, atol=1e-6)
+  col = data.preprocess(img, 30, 3, "center")
+  assert col.shape == (30, 30, 3)
+
+
+def test_celeba_crop():
+  img = np.zeros((218, 178, 3), np.uint8)
+  img[29:-29, 9:-9] = 255
+  x = data.preprocess(img, 160, 1, "celeba")
+  assert x.shape == (160, 160, 1) and x.min() == 1.0
+  half = np.zeros((109, 89, 3), np.uint8)
+  assert data.preprocess(half, 80, 1, "celeba").shape == (80, 80, 1)
+  with pytest.raises(ValueError, match="218x178"):
+    data.preprocess(np.zeros((100, 100), np.uint8), 64, 1, "celeba")
+
+
+def test_real_celeba_folder():
+  folder = shared_path("data", "celeba-aligned")
+  cfg = data.DataConfig(source=f"folder:{folder}", image_size=160, crop="celeba", max_images=4,
+                        eval_fraction=0.0)
+  batch = data.make_source(cfg, 4, split="all").batch(0)
+  assert batch.shape == (4, 160, 160, 1) and 0.1 < batch.mean() < 0.9
+
+
+def test_tfds_source_with_mock_data():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    cfg = data.DataConfig(source="tfds:celeb_a", image_size=32, crop="celeba")
+    src = data.make_source(cfg, 4, seed=0)
+    assert src.num_examples == 6
+    a, b = src.batch(1), data.make_source(cfg, 4, seed=0).batch(1)
+    assert a.shape == (4, 32, 32, 1)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_source():
+  with pytest.raises(ValueError, match="unknown data source"):
+    data.make_source(data.DataConfig(source="s3://x"), 4)

@@ -1,0 +1,98 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wcdm_jax import models
+
+
+def _random_bn(variables, key):
+  """Give the running stds and gains non-trivial values so the test exercises them."""
+  leaves, tree = jax.tree.flatten(variables)
+  keys = jax.random.split(key, len(leaves))
+  leaves = [l * jax.random.uniform(k, l.shape, minval=0.5, maxval=2.0) for l, k in zip(leaves, keys)]
+  v = jax.tree.unflatten(tree, leaves)
+  v["params"] = jax.tree.map(lambda p: p * 20 if p.ndim == 1 else p, v["params"])  # gains up
+  return v
+
+
+@pytest.mark.parametrize("kind", ["flat", "low", "cond"])
+@pytest.mark.parametrize("conv_impl", ["xla", "matmul"])
+def test_positive_homogeneity(kind, conv_impl):
+  spec = {"flat": models.flat_spec(9, 1, 6, 8), "low": models.low_spec(2, 13, 3, 6, 8),
+          "cond": models.cond_spec(0, 9, 1, 6, 8)}[kind]
+  v = _random_bn(models.init_net(jax.random.key(0), spec), jax.random.key(1))
+  x = jax.random.normal(jax.random.key(2), (2, 20, 20, spec.in_channels))
+  f = lambda x: models.apply_net(spec, v, x, conv_impl=conv_impl)
+  fx = f(x)
+  assert float(jnp.abs(fx).max()) > 1e-3  # not trivially zero
+  for a in (0.1, 3.7):
+    np.testing.assert_allclose(f(a * x), a * fx, rtol=2e-4, atol=1e-5 * float(jnp.abs(fx).max()) * a)
+  # Not odd-homogeneous (ReLU): f(-x) != -f(x), so the test above has teeth.
+  assert float(jnp.abs(f(-x) + fx).max()) > 1e-3
+
+
+@pytest.mark.parametrize("rf", [5, 9, 13, 23, 43])
+def test_receptive_field_is_exact(rf):
+  spec = models.flat_spec(rf, features=16)
+  _check_rf(spec, rf)
+
+
+def test_low_pass_receptive_field_41():
+  spec = models.low_spec(2, 41, features=16)
+  assert spec.num_layers == 20
+  _check_rf(spec, 41)
+
+
+def _check_rf(spec, rf):
+  assert spec.rf == rf
+  v = _random_bn(models.init_net(jax.random.key(0), spec), jax.random.key(1))
+  size = rf + 12
+  c = size // 2
+  # Sum |gradient| over a few inputs: a ReLU can zero single paths for one input.
+  x = jax.random.normal(jax.random.key(3), (4, size, size, spec.in_channels))
+  g = jax.vmap(jax.grad(lambda x: models.apply_net(spec, v, x[None])[0, c, c, 0]))(x)
+  support = np.argwhere(np.abs(np.asarray(g)).sum((0, -1)) > 0)
+  r = rf // 2
+  assert support.min(0).tolist() == [c - r, c - r]
+  assert support.max(0).tolist() == [c + r, c + r]
+
+
+def test_released_layouts():
+  assert models.kernel_sizes_for_rf(9) == tuple(3 if l in (0, 8, 16, 20) else 1 for l in range(21))
+  assert models.kernel_sizes_for_rf(23).count(3) == 11
+  assert models.kernel_sizes_for_rf(15, 10).count(3) == 7
+  with pytest.raises(ValueError, match="impossible"):
+    models.kernel_sizes_for_rf(8)
+  with pytest.raises(ValueError, match="impossible"):
+    models.kernel_sizes_for_rf(45)
+
+
+def test_batch_norm_train_and_eval():
+  spec = models.flat_spec(5, 1, 3, 4)
+  v = models.init_net(jax.random.key(0), spec)
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1)) * 3.0
+  net = models.BFCNN(spec)
+  _, upd = net.apply(v, x, train=True, mutable=["batch_stats"])
+  h = jax.lax.conv_general_dilated(x, v["params"]["conv_0"]["kernel"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = jnp.einsum("bhwc,cd->bhwd", h, v["params"]["block_1"]["conv"]["kernel"][0, 0])  # 1x1
+  sd = jnp.sqrt(jnp.var(h, axis=(0, 1, 2)) + 1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["block_1"]["bn"]["running_sd"], 0.9 + 0.1 * sd,
+                             rtol=1e-5)
+
+
+def test_spec_json_round_trip_and_colour():
+  spec = models.multiscale_spec(3, 13, 41, channels=3, image_size=(320, 320))
+  assert models.ModelSpec.from_json(spec.to_json()) == spec
+  assert spec.conditionals[0].in_channels == 12 and spec.conditionals[0].out_channels == 9
+  assert spec.net_size("low") == (40, 40) and spec.net_size("cond0") == (160, 160)
+  with pytest.raises(ValueError, match="divisible"):
+    models.multiscale_spec(3, image_size=(100, 100))
+
+
+def test_wrong_channels_message():
+  spec = models.cond_spec(0, 9, 1, 4, 4)
+  v = models.init_net(jax.random.key(0), spec)
+  with pytest.raises(ValueError, match="expects 4 input channels"):
+    models.apply_net(spec, v, jnp.zeros((1, 8, 8, 1)))

@@ -1,0 +1,138 @@
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import shared_path
+from wcdm_jax import models, sampling
+
+# --- A Gaussian prior with a known stationary covariance ---------------------------------------
+# x ~ N(0, S) on 16x16 periodic images, S diagonal in the unitary DFT basis with power
+# p(f) = 0.1 * 0.02 / (|f|^2 + 0.02) (a 1/f^2-like spectrum). For a known noise variance s
+# the MMSE denoiser is linear: residual = s (S + s I)^-1 y. The sampler's denoiser is blind,
+# so s is estimated per image by maximum likelihood (grid search) from y's spectrum.
+N = 16
+_F = np.sqrt(np.fft.fftfreq(N)[:, None] ** 2 + np.fft.fftfreq(N)[None, :] ** 2)
+POWER = jnp.asarray(0.1 * 0.02 / (_F ** 2 + 0.02), jnp.float32)
+_GRID = jnp.logspace(-8, 1, 300)
+_RADIUS = np.round(_F * N).astype(int)
+
+
+def gaussian_residual(y):  # (B, N, N, 1) -> (B, N, N, 1)
+  spec = jnp.fft.fft2(y[..., 0])
+  pw = jnp.abs(spec) ** 2 / N ** 2
+  cand = POWER[None] + _GRID[:, None, None]  # (G, N, N)
+  nll = jnp.sum(pw[:, None] / cand[None] + jnp.log(cand)[None], (2, 3))  # (B, G)
+  s = _GRID[jnp.argmin(nll, 1)][:, None, None]
+  return jnp.fft.ifft2(s / (POWER + s) * spec).real[..., None]
+
+
+def _radial(q):
+  q = np.asarray(q)
+  return np.array([q[_RADIUS == r].mean() for r in range(_RADIUS.max() + 1)])
+
+
+def gaussian_check(cfg, num=1000):
+  """(per-radius sample power / prior power, measured sigma_t / predicted for t <= 15)."""
+  keys = jax.random.split(jax.random.key(0), num)
+  out, info = jax.jit(lambda k: sampling.ascent(k, gaussian_residual, (N, N, 1), cfg))(keys)
+  power = jnp.mean(jnp.abs(jnp.fft.fft2(out[..., 0])) ** 2, 0) / N ** 2
+  ratio = _radial(power) / _radial(POWER)
+  # The effective noise shrinks by (1 - beta h_t) per step; early on (noise >> signal)
+  # sigma_t measures it.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # all NaN once every sample stopped
+    sig = np.nanmean(np.asarray(info.sigmas[:, :16]), 0)
+  t = np.arange(1, 16)
+  h = cfg.h0 * t / (1 + cfg.h0 * (t - 1))  # method.md §5, written out independently
+  predicted = sig[0] * np.concatenate([[1.0], np.cumprod(1 - cfg.beta * h)])
+  return ratio, sig / predicted, info
+
+
+GAUSS_CFG = sampling.AscentConfig(h0=0.01, beta=0.5, sigma_L=0.01, max_steps=400)
+
+
+def _passes(ratio, traj):
+  return bool(np.all(np.abs(ratio - 1) < 0.12) and np.all(np.abs(traj - 1) < 0.05))
+
+
+def test_gaussian_prior_samples_have_its_covariance():
+  ratio, traj, info = gaussian_check(GAUSS_CFG)
+  assert np.all(np.asarray(info.converged)), "every sample should meet the stop rule"
+  assert np.all(np.abs(ratio - 1) < 0.12), ratio
+  assert np.all(np.abs(traj - 1) < 0.05), traj
+
+
+def test_gaussian_check_has_power(monkeypatch):
+  """The check above fails when the algorithm is broken in the usual ways."""
+  orig_gamma, orig_h, orig_z = sampling.noise_amplitude, sampling.step_size, sampling._per_sample_normal
+  broken = {
+      "no noise term": ("_per_sample_normal",
+                        lambda k, t, s: orig_z(k, t, s) * jnp.where(t == 0, 1.0, 0.0)),
+      "gamma too large": ("noise_amplitude", lambda s, h, b: 2.0 * orig_gamma(s, h, b)),
+      "gamma without sqrt": ("noise_amplitude", lambda s, h, b: s * ((1 - b * h) ** 2 - (1 - h) ** 2)),
+      "h without denominator": ("step_size", lambda t, c: jnp.minimum(c.h0 * jnp.asarray(t, jnp.float32), 1.0)),
+  }
+  for what, (name, fn) in broken.items():
+    with monkeypatch.context() as m:
+      m.setattr(sampling, name, fn)
+      ratio, traj, _ = gaussian_check(GAUSS_CFG, num=500)
+    assert not _passes(ratio, traj), f"the Gaussian check misses: {what}"
+
+
+def _toy_residual(y):
+  """A fixed, bias-free, nonlinear 'denoiser' for determinism tests."""
+  return 0.5 * y + 0.1 * jnp.tanh(y) - 0.05 * jnp.roll(y, 1, axis=1)
+
+
+def test_batch_equals_single_runs_and_jit():
+  cfg = sampling.AscentConfig(h0=0.05, beta=0.5, sigma_L=0.05, max_steps=200)
+  keys = jax.random.split(jax.random.key(3), 4)
+  run = lambda k: sampling.ascent(k, _toy_residual, (8, 8, 2), cfg)
+  out, info = jax.jit(run)(keys)
+  for i in range(4):
+    o, inf = jax.jit(run)(keys[i:i + 1])
+    np.testing.assert_allclose(o[0], out[i], rtol=1e-5, atol=1e-6)
+    assert int(inf.steps[0]) == int(info.steps[i])
+  out2, _ = jax.jit(run)(keys)
+  np.testing.assert_array_equal(out, out2)  # same key, same output
+  out3, _ = run(keys)  # not jitted (the scan itself is still compiled by lax)
+  np.testing.assert_allclose(out3, out, rtol=1e-5, atol=1e-6)
+
+
+def test_each_sample_stops_on_its_own_rule():
+  cfg = sampling.AscentConfig(h0=0.01, beta=0.5, sigma_L=0.01, max_steps=400)
+  keys = jax.random.split(jax.random.key(0), 32)
+  _, info = jax.jit(lambda k: sampling.ascent(k, gaussian_residual, (N, N, 1), cfg))(keys)
+  steps = np.asarray(info.steps)
+  assert len(set(steps.tolist())) > 1, "samples should stop at different steps"
+  sig = np.asarray(info.sigmas)
+  for i, s in enumerate(steps):
+    assert np.all(np.isfinite(sig[i, :s])) and np.all(np.isnan(sig[i, s:]))
+  # Each matches its own single-sample run.
+  for i in (int(np.argmin(steps)), int(np.argmax(steps))):
+    _, one = jax.jit(lambda k: sampling.ascent(k, gaussian_residual, (N, N, 1), cfg))(keys[i:i + 1])
+    assert int(one.steps[0]) == steps[i]
+
+
+def test_abort_when_sigma_explodes():
+  cfg = sampling.AscentConfig(max_steps=20)
+  keys = jax.random.split(jax.random.key(0), 2)
+  out, info = sampling.ascent(keys, lambda y: 3.0 * y, (4, 4, 1), cfg)
+  assert np.all(np.asarray(info.aborted)) and not np.any(np.asarray(info.converged))
+  assert np.all(np.asarray(info.steps) == 0)
+
+
+def test_explicit_initial_state_and_shapes():
+  cfg = sampling.AscentConfig(max_steps=5, beta=1.0)
+  y0 = jnp.ones((2, 4, 4, 1))
+  out, info = sampling.ascent(jax.random.split(jax.random.key(0), 2), lambda y: 0.5 * y,
+                              (4, 4, 1), cfg, y0)
+  # Deterministic (beta = 1): y_t = y_0 prod (1 - h_t / 2), then y - f(y) halves it.
+  h = np.asarray(sampling.step_size(jnp.arange(1, 6), cfg))
+  np.testing.assert_allclose(out, 0.5 * np.prod(1 - 0.5 * h) * np.ones((2, 4, 4, 1)), rtol=1e-5)
+  with pytest.raises(ValueError, match="y0 must have shape"):
+    sampling.ascent(jax.random.split(jax.random.key(0), 2), lambda y: y, (4, 4, 1), cfg,
+                    jnp.ones((3, 4, 4, 1)))

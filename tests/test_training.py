@@ -1,0 +1,105 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import wcdm_jax
+from wcdm_jax import data, models, trainer, training
+
+TINY = models.multiscale_spec(2, cond_rf=5, low_rf=7, image_size=(16, 16), num_layers=4,
+                              low_num_layers=4, features=8)
+
+
+def _state_and_step(spec, name, cfg, devices):
+  mesh = training.make_mesh(devices)
+  tx = training.make_optimizer(spec, name, cfg)
+  state = training.replicate(training.init_state(jax.random.key(0), spec.nets[name], tx), mesh)
+  return mesh, state, training.make_train_step(spec, name, tx, cfg, mesh, noise_scale=0.5)
+
+
+@pytest.mark.parametrize("name", ["low", "cond0"])
+def test_four_devices_equal_one(name):
+  assert len(jax.devices()) >= 4, "conftest sets 4 simulated CPU devices"
+  cfg = training.TrainConfig(batch_size=8, num_steps=2)
+  src = data.make_source(data.DataConfig(image_size=16), 8, seed=3)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:4]):
+    mesh, state, step = _state_and_step(TINY, name, cfg, devices)
+    for s in range(2):
+      state, metrics = step(state, training.global_batch(src.batch(s), mesh),
+                            training.step_key(0, s, 1))
+    results.append((jax.device_get(state.as_dict()), float(metrics["loss"])))
+  (a, la), (b, lb) = results
+  assert la == pytest.approx(lb, rel=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+  # The batch-norm running std moved (the statistics are really global, not per device).
+  rs = jax.tree.leaves(a["batch_stats"])[0]
+  assert not np.allclose(rs, 1.0)
+
+
+def test_loss_decreases():
+  spec = models.ModelSpec(low=models.flat_spec(5, num_layers=4, features=16), image_size=(16, 16))
+  cfg = training.TrainConfig(batch_size=16, learning_rate=3e-3, quadratic_noise=False,
+                             noise_min=20, noise_max=60)
+  mesh, state, step = _state_and_step(spec, "flat", cfg, jax.devices()[:1])
+  src = data.make_source(data.DataConfig(image_size=16), 16, seed=0)
+  fixed = training.global_batch(src.batch(10_000), mesh)
+  eval_loss = jax.jit(lambda st: training.loss_fn(
+      st.params, st.batch_stats, spec.low, *training.net_example(
+          spec, "flat", fixed, jax.random.key(7), cfg))[0])
+  before = float(eval_loss(state))
+  for s in range(60):
+    state, _ = step(state, training.global_batch(src.batch(s), mesh), training.step_key(0, s, 0))
+  after = float(eval_loss(state))
+  assert after < 0.5 * before, (before, after)
+
+
+def _run(workdir, **kw):
+  cfg = training.TrainConfig(batch_size=8, num_steps=6, lr_halve_every=3, level_multiplier=1)
+  run = trainer.RunConfig(str(workdir), log_every=2, eval_every=3, checkpoint_every=2,
+                          eval_batch_size=4, noise_scale_batches=2, figure=False, **kw)
+  return trainer.train(TINY, data.DataConfig(image_size=16), cfg, run, log=lambda m: None)
+
+
+def test_resume_is_identical(tmp_path):
+  _run(tmp_path / "full")
+  _run(tmp_path / "split", stop_after=3)  # pre-empted after 3 steps (checkpoint at step 3)
+  partial = wcdm_jax.load_params(str(tmp_path / "split"))
+  full = wcdm_jax.load_params(str(tmp_path / "full"))
+  with pytest.raises(AssertionError):  # really stopped early
+    np.testing.assert_allclose(partial.low["params"]["conv_0"]["kernel"],
+                               full.low["params"]["conv_0"]["kernel"])
+  _run(tmp_path / "split")  # resumes at step 3
+  resumed = wcdm_jax.load_params(str(tmp_path / "split"))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+               (full.low, full.conditionals), (resumed.low, resumed.conditionals))
+
+
+def test_one_net_per_job_and_load_params(tmp_path):
+  _run(tmp_path, nets=("cond1",))
+  with pytest.raises(FileNotFoundError, match="no checkpoint for net 'low'"):
+    wcdm_jax.load_params(str(tmp_path))
+  _run(tmp_path, nets=("low", "cond0"))
+  params = wcdm_jax.load_params(str(tmp_path))
+  assert params.spec == TINY
+  out = wcdm_jax.denoise(params, jnp.zeros((2, 16, 16, 1)))
+  assert out.shape == (2, 16, 16, 1)
+
+
+def test_schedule_and_noise():
+  cfg = training.TrainConfig(num_steps=100, lr_halve_every=10, level_multiplier=4.0)
+  assert training.net_num_steps(TINY, "cond0", cfg) == 100
+  assert training.net_num_steps(TINY, "cond1", cfg) == 400
+  assert training.net_num_steps(TINY, "low", cfg) == 400
+  tx = training.make_optimizer(TINY, "cond0", cfg)
+  assert tx is not None
+  stds = training.noise_stds(jax.random.key(0), 10_000, cfg)
+  assert float(stds.min()) >= 0 and float(stds.max()) <= 1
+  # quadratic: the median std is about 0.25 (k/255 ~ U(0, 1), squared).
+  assert float(jnp.median(stds)) == pytest.approx(0.25, abs=0.03)
+  x = jnp.ones((4, 16, 16, 1)) * 0.5
+  noisy, noise = training.net_example(TINY, "cond0", x, jax.random.key(1), cfg, noise_scale=0.1)
+  assert noisy.shape == (4, 8, 8, 4)
+  np.testing.assert_allclose(noisy[..., 0], 0.5, atol=1e-6)  # clean conditioning low-pass
+  np.testing.assert_allclose(noisy[..., 1:], noise, atol=1e-6)  # details of a flat image are 0
+  assert float(jnp.abs(noise).max()) > 0

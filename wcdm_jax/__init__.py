@@ -1,0 +1,17 @@
+"""wcdm_jax: multi-scale local conditional probability models of images in JAX/Flax.
+
+Kadkhodaie, Guth, Mallat, Simoncelli, "Learning multi-scale local conditional probability
+models of images", ICLR 2023. Public entry points:
+
+- ``wavelets.decompose`` / ``wavelets.reconstruct``: the normalised orthogonal pyramid.
+- ``load_params(path)``: a trained or imported model directory -> ``ModelParams``.
+- ``sample(key, params)``, ``super_resolve(key, params, low_res)``, ``denoise(params, noisy)``.
+"""
+from wcdm_jax import wavelets
+from wcdm_jax.checkpoints import load_params, save_model
+from wcdm_jax.denoising import denoise
+from wcdm_jax.models import ModelParams, ModelSpec, NetSpec
+from wcdm_jax.sampling import AscentConfig, sample, super_resolve
+from wcdm_jax.wavelets import Pyramid, decompose, reconstruct
+
+__version__ = "0.1.0"

@@ -1,0 +1,40 @@
+"""Denoising with a flat or a multi-scale model (method.md §5, last paragraph)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from wcdm_jax import models, wavelets
+
+
+def _check_images(spec: models.ModelSpec, images: jax.Array, what: str) -> None:
+  if images.ndim != 4 or images.shape[-1] != spec.channels:
+    raise ValueError(f"{what} must be (B, H, W, {spec.channels}) for this model, got shape "
+                     f"{images.shape}")
+  if spec.levels and spec.mode == wavelets.PERIODIZATION:
+    wavelets.check_size(images.shape[1], images.shape[2], spec.levels)
+
+
+def denoise(params: models.ModelParams, noisy: jax.Array, *, return_scales: bool = False,
+            conv_impl: str = "xla"):
+  """Blind denoising of (B, H, W, C) images; jittable.
+
+  Flat model: ``y - f(y)``. Multi-scale: decompose, denoise x_J with the low-pass net, then
+  for each finer level denoise the details conditioned on the *denoised* low-pass and invert
+  one level. ``return_scales=True`` also returns the denoised low-pass of every level,
+  coarse to fine (the last one is the image).
+  """
+  spec = params.spec
+  _check_images(spec, noisy, "noisy")
+  if spec.levels == 0:
+    out = noisy - params.residual_fn("flat", conv_impl)(noisy)
+    return (out, [out]) if return_scales else out
+  pyr = wavelets.decompose(noisy, spec.levels, spec.wavelet, spec.mode)
+  low = pyr.low - params.residual_fn("low", conv_impl)(pyr.low)
+  scales = [low]
+  for j in reversed(range(spec.levels)):
+    det = pyr.details[j]
+    det = det - params.residual_fn(f"cond{j}", conv_impl)(jnp.concatenate([low, det], -1))
+    low = wavelets.idwt_level(low, det, spec.wavelet, spec.mode, pyr.sizes[j])
+    scales.append(low)
+  return (low, scales) if return_scales else low

@@ -1,0 +1,81 @@
+"""Denoising metrics: PSNR, per-scale denoising PSNR, multi-scale PSNR curves, Jacobians."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wcdm_jax import denoising, models, wavelets
+
+
+def psnr(x: jax.Array, ref: jax.Array, peak: float = 1.0) -> jax.Array:
+  """Per-image PSNR in dB of (B, H, W, C) ``x`` against ``ref``."""
+  mse = jnp.mean(jnp.square(x - ref), axis=tuple(range(1, x.ndim)))
+  return 10.0 * jnp.log10(peak ** 2 / jnp.maximum(mse, 1e-20))
+
+
+def scale_psnr(spec: models.ModelSpec, name: str, variables: models.Variables,
+               images: jax.Array, sigma: float, key: jax.Array,
+               conv_impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+  """(noisy, denoised) mean PSNR of one net on its part of the pyramid of clean ``images``.
+
+  ``sigma`` is the noise std added to the net's input (image, low-pass, or detail
+  coefficients). flat/low: PSNR of the image / low-pass. cond j: PSNR of the level's
+  one-level reconstruction from the clean low-pass and the noisy / denoised details.
+  """
+  net = spec.nets[name]
+  f = lambda x: models.apply_net(net, variables, x, conv_impl=conv_impl)
+  if net.kind == "flat":
+    noisy = images + sigma * jax.random.normal(key, images.shape)
+    return psnr(noisy, images).mean(), psnr(noisy - f(noisy), images).mean()
+  lows, details = wavelets.analysis(images, spec.levels, spec.wavelet, spec.mode)
+  if net.kind == "low":
+    clean = lows[-1]
+    noisy = clean + sigma * jax.random.normal(key, clean.shape)
+    return psnr(noisy, clean).mean(), psnr(noisy - f(noisy), clean).mean()
+  cond, det = lows[net.level], details[net.level]
+  noisy = det + sigma * jax.random.normal(key, det.shape)
+  den = noisy - f(jnp.concatenate([cond, noisy], -1))
+  up = lambda d: wavelets.idwt_level(cond, d, spec.wavelet, spec.mode)
+  ref = up(det)
+  return psnr(up(noisy), ref).mean(), psnr(up(den), ref).mean()
+
+
+def denoising_curve(params: models.ModelParams, images: np.ndarray, sigmas: Sequence[float],
+                    seed: int = 0, batch_size: int = 16) -> dict[str, list[float]]:
+  """Mean input and output PSNR of ``denoising.denoise`` over noise stds ``sigmas``.
+
+  Noise is drawn from ``jax.random.key(seed)`` folded with the noise level and batch index,
+  so runs are comparable across models.
+  """
+  den = jax.jit(lambda p, y: denoising.denoise(p, y))
+  out = {"sigma": [], "psnr_in": [], "psnr_out": []}
+  for i, s in enumerate(sigmas):
+    pin, pout = [], []
+    for b in range(0, len(images), batch_size):
+      x = jnp.asarray(images[b:b + batch_size])
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), b)
+      y = x + s * jax.random.normal(key, x.shape)
+      pin.append(psnr(y, x))
+      pout.append(psnr(den(params, y), x))
+    out["sigma"].append(float(s))
+    out["psnr_in"].append(float(jnp.concatenate(pin).mean()))
+    out["psnr_out"].append(float(jnp.concatenate(pout).mean()))
+  return out
+
+
+def adaptive_filters(params: models.ModelParams, noisy: jax.Array,
+                     pixels: Sequence[tuple[int, int]]) -> jax.Array:
+  """Rows of the denoiser's Jacobian: the weights it averages around each given pixel.
+
+  noisy: (H, W, C) one image. Returns (len(pixels), H, W): d denoised[p] / d noisy, summed
+  over channels; for a bias-free denoiser denoised = J(y) y, so each row is the adaptive
+  filter applied at that pixel (Mohan et al. 2020; the paper's analysis).
+  """
+  def out_at(y, p):
+    return denoising.denoise(params, y[None])[0, p[0], p[1]].sum()
+
+  rows = [jax.grad(out_at)(noisy, p).sum(-1) for p in pixels]
+  return jnp.stack(rows)

@@ -1,0 +1,315 @@
+"""Bias-free CNN denoisers (BF-CNN) and the specs/params that describe a whole model.
+
+A net outputs the *noise* (residual); the denoised image is ``input - output``. Nothing in
+it adds a constant, so f(a y) = a f(y) for a > 0 (method.md §3).
+
+- ``NetSpec``: one network's architecture (hashable: a static argument of jitted code).
+- ``ModelSpec``: a whole model: a flat denoiser (levels = 0) or a multi-scale model
+  (low-pass net + one conditional net per level), plus the wavelet and image size.
+- ``ModelParams``: a pytree holding the spec (static) and every net's variables
+  ``{'params': ..., 'batch_stats': ...}``; it is what ``sample``/``denoise`` take.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from wcdm_jax import wavelets
+
+Variables = dict[str, Any]
+
+# Which of the 21 layers are 3x3 in the authors' released nets (others are 1x1).
+_RELEASED_3x3 = {
+    5: (0, 20),
+    9: (0, 8, 16, 20),
+    13: (0, 4, 8, 12, 16, 20),
+    23: (0,) + tuple(range(2, 19, 2)) + (20,),
+    43: tuple(range(21)),
+}
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+
+
+def kernel_sizes_for_rf(rf: int, num_layers: int = 21) -> tuple[int, ...]:
+  """Per-layer kernel sizes (3 or 1) giving receptive field ``rf`` = 1 + 2 * (#3x3 layers).
+
+  The released layouts are used for 21 layers; otherwise the middle 3x3 layers are spread
+  evenly. The first and last layers are always 3x3.
+  """
+  n3 = (rf - 1) // 2
+  if rf % 2 == 0 or n3 < 2 or n3 > num_layers:
+    raise ValueError(f"receptive field {rf} is impossible with {num_layers} layers: it must be "
+                     f"odd and within 5..{2 * num_layers + 1}")
+  if num_layers == 21 and rf in _RELEASED_3x3:
+    big = set(_RELEASED_3x3[rf])
+  else:
+    middle = np.linspace(0, num_layers - 1, n3)[1:-1] if n3 > 2 else []
+    big = {0, num_layers - 1} | {int(round(m)) for m in middle}
+    free = [l for l in range(1, num_layers - 1) if l not in big]
+    while len(big) < n3:  # rounding collisions: fill the nearest free layers
+      big.add(free.pop(len(free) // 2))
+  return tuple(3 if l in big else 1 for l in range(num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class NetSpec:
+  """Architecture of one BF-CNN. ``kind``: 'flat' | 'low' | 'cond' (conditional)."""
+  kind: str
+  in_channels: int
+  out_channels: int
+  kernel_sizes: tuple[int, ...]
+  features: int = 64
+  first_relu: bool = False
+  level: int = -1  # pyramid level for 'cond' nets (0 finest); J for 'low'; -1 for 'flat'
+
+  def __post_init__(self):
+    if self.kind not in ("flat", "low", "cond"):
+      raise ValueError(f"kind must be 'flat', 'low' or 'cond', got {self.kind!r}")
+    if len(self.kernel_sizes) < 2:
+      raise ValueError("a BF-CNN needs at least 2 layers")
+    object.__setattr__(self, "kernel_sizes", tuple(int(k) for k in self.kernel_sizes))
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.kernel_sizes)
+
+  @property
+  def rf(self) -> int:
+    return 1 + sum(k - 1 for k in self.kernel_sizes)
+
+  @property
+  def name(self) -> str:
+    return {"flat": "flat", "low": "low"}.get(self.kind, f"cond{self.level}")
+
+  def flops_per_pixel(self) -> int:
+    """Multiply-adds x 2 of one forward pass, per output pixel."""
+    chans = [self.in_channels] + [self.features] * (self.num_layers - 1) + [self.out_channels]
+    return sum(2 * k * k * ci * co for k, ci, co in zip(self.kernel_sizes, chans[:-1], chans[1:]))
+
+
+def flat_spec(rf: int = 43, channels: int = 1, num_layers: int = 21, features: int = 64,
+              first_relu: bool = False) -> NetSpec:
+  return NetSpec("flat", channels, channels, kernel_sizes_for_rf(rf, num_layers), features,
+                 first_relu)
+
+
+def low_spec(levels: int, rf: int = 41, channels: int = 1, num_layers: int = 20,
+             features: int = 64, first_relu: bool = False) -> NetSpec:
+  return NetSpec("low", channels, channels, kernel_sizes_for_rf(rf, num_layers), features,
+                 first_relu, level=levels)
+
+
+def cond_spec(level: int, rf: int = 9, channels: int = 1, num_layers: int = 21,
+              features: int = 64, first_relu: bool = False) -> NetSpec:
+  return NetSpec("cond", 4 * channels, 3 * channels, kernel_sizes_for_rf(rf, num_layers),
+                 features, first_relu, level=level)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A flat denoiser (``levels == 0``, ``low`` is the flat net) or a multi-scale model."""
+  low: NetSpec
+  conditionals: tuple[NetSpec, ...] = ()
+  wavelet: str = "haar"
+  mode: str = "periodization"
+  image_size: tuple[int, int] = (64, 64)
+
+  def __post_init__(self):
+    object.__setattr__(self, "conditionals", tuple(self.conditionals))
+    object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
+    for j, c in enumerate(self.conditionals):
+      if c.kind != "cond" or c.level != j:
+        raise ValueError(f"conditionals[{j}] must be a 'cond' net of level {j}, got {c}")
+    if self.conditionals and self.low.kind != "low":
+      raise ValueError("a multi-scale model needs a 'low' net")
+    if not self.conditionals and self.low.kind != "flat":
+      raise ValueError("a model without conditional nets needs a 'flat' net")
+    if self.conditionals and self.mode == wavelets.PERIODIZATION:
+      wavelets.check_size(*self.image_size, self.levels)
+
+  @property
+  def levels(self) -> int:
+    return len(self.conditionals)
+
+  @property
+  def channels(self) -> int:
+    return self.low.in_channels
+
+  @property
+  def nets(self) -> dict[str, NetSpec]:
+    """All nets by name: 'flat' or 'low', 'cond0', ..., 'cond{J-1}'."""
+    return {n.name: n for n in (self.low,) + self.conditionals}
+
+  def net_size(self, name: str, image_size: Sequence[int] | None = None) -> tuple[int, int]:
+    """(h, w) of the arrays the named net sees for images of ``image_size``."""
+    h, w = image_size or self.image_size
+    net = self.nets[name]
+    k = self.levels if net.kind == "low" else (0 if net.kind == "flat" else net.level + 1)
+    return h // 2 ** k, w // 2 ** k
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=1)
+
+  @classmethod
+  def from_json(cls, text: str) -> "ModelSpec":
+    d = json.loads(text)
+    return cls(low=NetSpec(**d["low"]), conditionals=tuple(NetSpec(**c) for c in d["conditionals"]),
+               wavelet=d["wavelet"], mode=d["mode"], image_size=tuple(d["image_size"]))
+
+
+def multiscale_spec(levels: int, cond_rf: int = 9, low_rf: int = 41, channels: int = 1,
+                    image_size: Sequence[int] = (160, 160), wavelet: str = "haar",
+                    num_layers: int = 21, low_num_layers: int = 20, features: int = 64,
+                    mode: str = "periodization") -> ModelSpec:
+  """The paper's multi-scale model: low-pass net (RF ``low_rf``) + J conditional nets."""
+  if levels < 1:
+    raise ValueError("a multi-scale model needs levels >= 1; use flat_spec for a flat denoiser")
+  return ModelSpec(
+      low=low_spec(levels, low_rf, channels, low_num_layers, features),
+      conditionals=tuple(cond_spec(j, cond_rf, channels, num_layers, features)
+                         for j in range(levels)),
+      wavelet=wavelet, mode=mode, image_size=tuple(image_size))
+
+
+# --- Flax modules ----------------------------------------------------------------------------
+
+class Conv(nn.Module):
+  """Bias-free 'same' convolution, NHWC, kernel (k, k, in, out).
+
+  impl='xla' uses lax.conv; impl='matmul' lowers a 3x3 conv to one matrix product over the
+  nine shifted copies of the input (im2col), which XLA:CPU runs faster for these sizes.
+  """
+  features: int
+  kernel_size: int
+  impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, Cin) -> (B, H, W, Cout)
+    k, cin = self.kernel_size, x.shape[-1]
+    fan_in = k * k * cin
+    init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # Kaiming normal
+    kernel = self.param("kernel", init, (k, k, cin, self.features), jnp.float32)
+    kernel = kernel.astype(x.dtype)
+    if k == 1:
+      return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+    if self.impl == "matmul":
+      p = k // 2
+      xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+      h, w = x.shape[1], x.shape[2]
+      cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -1)
+      return jnp.einsum("bhwc,cd->bhwd", cols, kernel.reshape(fan_in, self.features))
+    if self.impl != "xla":
+      raise ValueError(f"conv impl must be 'xla' or 'matmul', got {self.impl!r}")
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _gain_init(key, shape, dtype=jnp.float32):
+  return jnp.clip(jax.random.normal(key, shape, dtype) * (2.0 / 9.0 / 64.0), -0.025, 0.025)
+
+
+class BiasFreeBatchNorm(nn.Module):
+  """x / sd * gain with sd the per-channel std over (B, H, W) (train) or its running value."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c = x.shape[-1]
+    gain = self.param("gammas", _gain_init, (c,))
+    running_sd = self.variable("batch_stats", "running_sd", jnp.ones, (c,), jnp.float32)
+    if train:
+      xf = x.astype(jnp.float32)
+      sd = jnp.sqrt(jnp.var(xf, axis=(0, 1, 2)) + BN_EPS)  # biased variance
+      if not self.is_initializing():
+        running_sd.value = (1 - BN_MOMENTUM) * running_sd.value + BN_MOMENTUM * sd
+    else:
+      sd = running_sd.value
+    return x * (gain / sd).astype(x.dtype)
+
+
+class _Block(nn.Module):
+  features: int
+  kernel_size: int
+  conv_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = Conv(self.features, self.kernel_size, self.conv_impl, name="conv")(x)
+    return nn.relu(BiasFreeBatchNorm(name="bn")(x, train))
+
+
+class BFCNN(nn.Module):
+  """Bias-free CNN: conv, (conv -> BF-BN -> ReLU) x (L - 2), conv. Returns the residual."""
+  spec: NetSpec
+  conv_impl: str = "xla"
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    s = self.spec
+    if x.shape[-1] != s.in_channels:
+      raise ValueError(f"{s.name} net expects {s.in_channels} input channels, got shape {x.shape}")
+    out_dtype = x.dtype
+    x = x.astype(self.dtype)
+    x = Conv(s.features, s.kernel_sizes[0], self.conv_impl, name="conv_0")(x)
+    if s.first_relu:
+      x = nn.relu(x)
+    block = nn.remat(_Block, static_argnums=(2,)) if self.remat else _Block
+    for l in range(1, s.num_layers - 1):
+      x = block(s.features, s.kernel_sizes[l], self.conv_impl, name=f"block_{l}")(x, train)
+    x = Conv(s.out_channels, s.kernel_sizes[-1], self.conv_impl, name=f"conv_{s.num_layers - 1}")(x)
+    return x.astype(out_dtype)
+
+
+def init_net(key: jax.Array, spec: NetSpec, size: tuple[int, int] = (16, 16)) -> Variables:
+  """Fresh variables {'params', 'batch_stats'} for ``spec``."""
+  x = jnp.zeros((1, *size, spec.in_channels), jnp.float32)
+  return dict(BFCNN(spec).init(key, x, train=False))
+
+
+def apply_net(spec: NetSpec, variables: Variables, x: jax.Array, *, conv_impl: str = "xla",
+              dtype: Any = jnp.float32) -> jax.Array:
+  """Evaluation-mode residual f(x) of one net; pure: (B, H, W, Cin) -> (B, H, W, Cout)."""
+  return BFCNN(spec, conv_impl=conv_impl, dtype=dtype).apply(variables, x, train=False)
+
+
+# --- the whole model -------------------------------------------------------------------------
+
+@struct.dataclass
+class ModelParams:
+  """Everything sampling and denoising need: the spec (static) and each net's variables.
+
+  low: variables of the low-pass net (or of the flat net when ``spec.levels == 0``).
+  conditionals: variables of the conditional nets, level 0 (finest) first.
+  """
+  low: Variables
+  conditionals: tuple[Variables, ...]
+  spec: ModelSpec = struct.field(pytree_node=False)
+
+  def net(self, name: str) -> tuple[NetSpec, Variables]:
+    if name in ("low", "flat"):
+      return self.spec.low, self.low
+    if name.startswith("cond"):
+      j = int(name[4:])
+      return self.spec.conditionals[j], self.conditionals[j]
+    raise KeyError(f"no net named {name!r}; nets are {list(self.spec.nets)}")
+
+  def residual_fn(self, name: str, conv_impl: str = "xla") -> Callable[[jax.Array], jax.Array]:
+    """x -> f(x) of the named net in evaluation mode."""
+    spec, variables = self.net(name)
+    return lambda x: apply_net(spec, variables, x, conv_impl=conv_impl)
+
+
+def init_model(key: jax.Array, spec: ModelSpec) -> ModelParams:
+  """Random variables for every net of ``spec``."""
+  keys = jax.random.split(key, 1 + spec.levels)
+  low = init_net(keys[0], spec.low)
+  conds = tuple(init_net(k, c) for k, c in zip(keys[1:], spec.conditionals))
+  return ModelParams(low=low, conditionals=conds, spec=spec)

@@ -1,0 +1,190 @@
+"""Import the authors' released PyTorch denoisers (LCV) without torch and without unpickling.
+
+The ``.pt`` files are zip archives: a pickle describing an OrderedDict of tensors plus one
+raw little-endian file per storage. ``read_state_dict`` runs the pickle through an
+unpickler that accepts only the handful of globals a state_dict needs (OrderedDict, the
+tensor rebuild function and storage types) and refuses everything else, so a malicious
+file cannot execute code. torch is not needed; when it is installed, tests check that
+``torch.load(..., weights_only=True)`` agrees.
+
+Layout (method.md §3): ``module.conv_layers.K.weight`` (out, in, kh, kw) and
+``module.BN_layers.K.{gammas, running_sd}`` (1, 64, 1, 1).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import re
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from wcdm_jax import models
+
+_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+
+
+class _StorageType:
+  def __init__(self, name: str):
+    self.dtype = np.dtype(_DTYPES[name])
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused):
+  data, dtype = storage
+  itemsize = dtype.itemsize
+  flat = np.frombuffer(data, dtype=dtype)
+  if not size:
+    return flat[offset].copy()
+  arr = np.lib.stride_tricks.as_strided(flat[offset:], shape=tuple(size),
+                                        strides=tuple(s * itemsize for s in stride))
+  return np.array(arr)  # own, writable, contiguous
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, *unused):
+  return data
+
+
+class _SafeUnpickler(pickle.Unpickler):
+  """Resolves only the globals of a tensor state_dict; anything else is an error."""
+
+  def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+    super().__init__(file)
+    self._archive, self._prefix = archive, prefix
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) == ("collections", "OrderedDict"):
+      return collections.OrderedDict
+    if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+      return _rebuild_tensor
+    if (module, name) == ("torch._utils", "_rebuild_parameter"):
+      return _rebuild_parameter
+    if module == "torch" and name in _DTYPES:
+      return _StorageType(name)
+    raise pickle.UnpicklingError(
+        f"refusing to load {module}.{name}: only tensor state_dicts are accepted")
+
+  def persistent_load(self, pid):
+    kind, storage_type, key, _location, _numel = pid
+    if kind != "storage" or not isinstance(storage_type, _StorageType):
+      raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+    data = self._archive.read(f"{self._prefix}/data/{key}")
+    return data, storage_type.dtype.newbyteorder("<")
+
+
+def read_state_dict(path: str) -> dict[str, Any]:
+  """Tensors of a PyTorch zip checkpoint as numpy arrays, never executing pickled code."""
+  with zipfile.ZipFile(path) as archive:
+    pkls = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+    if len(pkls) != 1:
+      raise ValueError(f"{path} is not a PyTorch zip checkpoint (found {pkls})")
+    prefix = pkls[0][: -len("/data.pkl")]
+    with archive.open(pkls[0]) as f:
+      return dict(_SafeUnpickler(f, archive, prefix).load())
+
+
+def net_from_state_dict(state: dict[str, np.ndarray], kind: str, level: int = -1
+                        ) -> tuple[models.NetSpec, models.Variables]:
+  """Map a BF-CNN state_dict onto (NetSpec, variables); RF and depth come from the shapes."""
+  convs, bns = {}, {}
+  for key, value in state.items():
+    m = re.fullmatch(r"(?:module\.)?conv_layers\.(\d+)\.weight", key)
+    if m:
+      convs[int(m.group(1))] = np.asarray(value, np.float32)
+      continue
+    m = re.fullmatch(r"(?:module\.)?BN_layers\.(\d+)\.(gammas|running_sd)", key)
+    if m:
+      bns.setdefault(int(m.group(1)), {})[m.group(2)] = np.asarray(value, np.float32).reshape(-1)
+      continue
+    raise ValueError(f"unexpected key {key!r} in a BF-CNN state_dict")
+  n = len(convs)
+  if sorted(convs) != list(range(n)) or sorted(bns) != list(range(n - 2)):
+    raise ValueError(f"incomplete BF-CNN: conv layers {sorted(convs)}, BN layers {sorted(bns)}")
+  kernels = [convs[l].shape[2] for l in range(n)]
+  spec = models.NetSpec(kind=kind, in_channels=convs[0].shape[1],
+                        out_channels=convs[n - 1].shape[0], kernel_sizes=tuple(kernels),
+                        features=convs[0].shape[0], level=level)
+  to_hwio = lambda w: np.transpose(w, (2, 3, 1, 0))  # (out, in, kh, kw) -> (kh, kw, in, out)
+  params = {"conv_0": {"kernel": to_hwio(convs[0])},
+            f"conv_{n - 1}": {"kernel": to_hwio(convs[n - 1])}}
+  stats = {}
+  for l in range(1, n - 1):
+    params[f"block_{l}"] = {"conv": {"kernel": to_hwio(convs[l])},
+                            "bn": {"gammas": bns[l - 1]["gammas"]}}
+    stats[f"block_{l}"] = {"bn": {"running_sd": bns[l - 1]["running_sd"]}}
+  return spec, {"params": params, "batch_stats": stats}
+
+
+def read_net(path: str, kind: str, level: int = -1):
+  """(NetSpec, variables) of one released ``model.pt``."""
+  return net_from_state_dict(read_state_dict(path), kind, level)
+
+
+_RF_DIR = re.compile(r"RF_(\d+)x\d+(?:_scale_(\d+)|_(low))?$")
+
+
+def find_release_models(root: str) -> dict[str, dict[str, str]]:
+  """Group the release's model.pt files into models.
+
+  Returns {model name: {net name: path}}, e.g. 'flat_celebA_160x160_gray_rf9': {'flat': ...},
+  'ms_celebA_160x160_gray_rf13': {'low': ..., 'cond0': ..., 'cond1': ...}. A multi-scale
+  model takes the dataset's single low-pass net.
+  """
+  found: dict[str, dict[str, str]] = {}
+  for dirpath, _, files in sorted(os.walk(root)):
+    if "model.pt" not in files:
+      continue
+    m = _RF_DIR.search(os.path.basename(dirpath))
+    if not m:
+      continue
+    dataset = os.path.basename(os.path.dirname(dirpath))
+    path = os.path.join(dirpath, "model.pt")
+    rf, scale, low = m.group(1), m.group(2), m.group(3)
+    if scale is None and low is None:
+      found[f"flat_{dataset}_rf{rf}"] = {"flat": path}
+    elif scale is not None:
+      found.setdefault(f"ms_{dataset}_rf{rf}", {})[f"cond{scale}"] = path
+    else:
+      found.setdefault(f"_low_{dataset}", {})["low"] = path
+  lows = {k[len("_low_"):]: v["low"] for k, v in found.items() if k.startswith("_low_")}
+  out = {}
+  for name, nets in found.items():
+    if name.startswith("_low_"):
+      continue
+    if name.startswith("ms_"):
+      dataset = name[3:].rsplit("_rf", 1)[0]
+      if dataset not in lows:
+        continue
+      nets = dict(nets, low=lows[dataset])
+    out[name] = nets
+  return out
+
+
+def _image_size(dataset_dir_name: str) -> tuple[int, int]:
+  m = re.search(r"(\d+)x(\d+)", dataset_dir_name)
+  return (int(m.group(1)), int(m.group(2))) if m else (160, 160)
+
+
+def load_release_model(nets: dict[str, str], image_size: tuple[int, int] | None = None
+                       ) -> models.ModelParams:
+  """``ModelParams`` from a {net name: model.pt path} group of ``find_release_models``."""
+  if image_size is None:
+    image_size = _image_size(os.path.basename(os.path.dirname(os.path.dirname(
+        next(iter(nets.values()))))))
+  if "flat" in nets:
+    spec, variables = read_net(nets["flat"], "flat")
+    return models.ModelParams(low=variables, conditionals=(),
+                              spec=models.ModelSpec(low=spec, image_size=image_size))
+  levels = sum(1 for n in nets if n.startswith("cond"))
+  if sorted(nets) != sorted(["low"] + [f"cond{j}" for j in range(levels)]):
+    raise ValueError(f"incomplete multi-scale model: {sorted(nets)}")
+  low_spec, low_vars = read_net(nets["low"], "low", levels)
+  conds = [read_net(nets[f"cond{j}"], "cond", j) for j in range(levels)]
+  spec = models.ModelSpec(low=low_spec, conditionals=tuple(c[0] for c in conds),
+                          image_size=image_size)
+  return models.ModelParams(low=low_vars, conditionals=tuple(c[1] for c in conds), spec=spec)

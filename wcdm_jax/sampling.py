@@ -1,0 +1,243 @@
+"""Sampling by stochastic coarse-to-fine gradient ascent (method.md §5).
+
+``ascent`` runs one scale for a batch in a single ``lax.scan`` over ``max_steps``; every
+sample stops on its own rule (it freezes; once all have stopped, the scan body skips the
+network). Sample b only ever uses its own key, so a batch equals the same samples drawn one
+at a time. ``sample``, ``super_resolve`` chain the scales coarse to fine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from wcdm_jax import models, wavelets
+
+
+@dataclasses.dataclass(frozen=True)
+class AscentConfig:
+  """Settings of one scale's ascent.
+
+  h0: step size (first step when ``ascending``); beta in (0, 1]: injected noise (1 = none);
+  sigma_0: std of the initial state; sigma_L: stop once 20 log10(std(y) / sigma_t) >=
+  20 log10(1 / sigma_L); abort_sigma: stop and flag a sample whose sigma_t exceeds it.
+  """
+  h0: float = 0.01
+  beta: float = 0.5
+  sigma_0: float = 1.0
+  sigma_L: float = 0.01
+  ascending: bool = True
+  max_steps: int = 1000
+  abort_sigma: float = 1.5
+
+  def __post_init__(self):
+    if not 0 < self.beta <= 1:
+      raise ValueError(f"beta must be in (0, 1], got {self.beta}")
+    if not 0 < self.h0 <= 1:
+      raise ValueError(f"h0 must be in (0, 1], got {self.h0}")
+    if self.sigma_L <= 0 or self.max_steps < 1:
+      raise ValueError("sigma_L must be > 0 and max_steps >= 1")
+
+
+# The release's settings (method.md §5 and the performance issue).
+RELEASE_LOW = AscentConfig(h0=0.01, beta=0.01, sigma_L=0.1, ascending=False, max_steps=15000)
+RELEASE_COND = AscentConfig(h0=0.01, beta=0.5, sigma_L=0.01, ascending=True, max_steps=1000)
+RELEASE_COND_FINEST = dataclasses.replace(RELEASE_COND, sigma_L=0.015)
+
+
+@struct.dataclass
+class AscentInfo:
+  """Per-sample diagnostics. steps: (B,) steps taken; sigmas: (B, max_steps) sigma_t (NaN
+  after the sample stopped); aborted: (B,) sigma_t exceeded abort_sigma; converged: (B,)
+  met the stop rule within max_steps."""
+  steps: jax.Array
+  sigmas: jax.Array
+  aborted: jax.Array
+  converged: jax.Array
+
+
+def step_size(t: jax.Array, cfg: AscentConfig) -> jax.Array:
+  """h_t = h0 t / (1 + h0 (t - 1)) (ascending) or h0."""
+  t = jnp.asarray(t, jnp.float32)
+  return cfg.h0 * t / (1.0 + cfg.h0 * (t - 1.0)) if cfg.ascending else jnp.full_like(t, cfg.h0)
+
+
+def noise_amplitude(sigma: jax.Array, h: jax.Array, beta: float) -> jax.Array:
+  """gamma_t = sigma_t sqrt((1 - beta h_t)^2 - (1 - h_t)^2): the injected noise's std."""
+  return sigma * jnp.sqrt(jnp.maximum((1 - beta * h) ** 2 - (1 - h) ** 2, 0.0))
+
+
+def _per_sample_normal(keys: jax.Array, t, shape) -> jax.Array:
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(keys)
+
+
+def ascent(keys: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], shape: Sequence[int],
+           cfg: AscentConfig, y0: jax.Array | None = None) -> tuple[jax.Array, AscentInfo]:
+  """Stochastic gradient ascent on log p for a batch; jittable.
+
+  keys: (B,) one key per sample. residual_fn: y (B, *shape) -> f(y), the denoiser's noise
+  estimate (conditioning already bound in). shape: one sample's shape. y0: optional initial
+  state (B, *shape); default sigma_0 * N(0, I) from each sample's key.
+  Returns (y - f(y) at each sample's final state, AscentInfo).
+  """
+  b = keys.shape[0]
+  shape = tuple(shape)
+  n = float(np.prod(shape))
+  axes = tuple(range(1, 1 + len(shape)))
+  if y0 is None:
+    y0 = cfg.sigma_0 * _per_sample_normal(keys, 0, shape)
+  elif y0.shape != (b,) + shape:
+    raise ValueError(f"y0 must have shape {(b,) + shape}, got {y0.shape}")
+  snr_stop = 20.0 * np.log10(1.0 / cfg.sigma_L)
+  bshape = (b,) + (1,) * len(shape)
+
+  def active_step(carry, t):
+    y, active, steps, aborted = carry
+    d = residual_fn(y)
+    sigma = jnp.sqrt(jnp.sum(jnp.square(d), axes)) / np.sqrt(n)  # (B,)
+    h = step_size(t, cfg)
+    gamma = noise_amplitude(sigma, h, cfg.beta)
+    z = _per_sample_normal(keys, t, shape)
+    y_new = y - h * d + gamma.reshape(bshape) * z
+    std = jnp.std(y_new, axis=axes, ddof=1)
+    stop = 20.0 * jnp.log10(std / sigma) >= snr_stop
+    abort = sigma > cfg.abort_sigma
+    move = active & ~abort
+    y = jnp.where(move.reshape(bshape), y_new, y)
+    steps = jnp.where(move, t, steps)
+    aborted = aborted | (active & abort)
+    new_active = move & ~stop
+    return (y, new_active, steps, aborted), jnp.where(active, sigma, jnp.nan)
+
+  def body(carry, t):
+    active = carry[1]
+    return jax.lax.cond(jnp.any(active), active_step,
+                        lambda c, t: (c, jnp.full((b,), jnp.nan, jnp.float32)), carry, t)
+
+  init = (y0.astype(jnp.float32), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32),
+          jnp.zeros((b,), bool))
+  (y, active, steps, aborted), sigmas = jax.lax.scan(
+      body, init, jnp.arange(1, cfg.max_steps + 1, dtype=jnp.int32))
+  info = AscentInfo(steps=steps, sigmas=sigmas.T, aborted=aborted, converged=~active & ~aborted)
+  return y - residual_fn(y), info
+
+
+def _keys(key: jax.Array, num_samples: int | None) -> jax.Array:
+  """A batch of keys: ``key`` itself when it is already (B,), else split into num_samples."""
+  if key.ndim == 1 and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if num_samples not in (None, key.shape[0]):
+      raise ValueError(f"got {key.shape[0]} keys but num_samples={num_samples}")
+    return key
+  n = 1 if num_samples is None else num_samples
+  if n < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  return jax.random.split(key, n)
+
+
+def _cond_configs(spec: models.ModelSpec, cond: AscentConfig | Sequence[AscentConfig] | None
+                  ) -> tuple[AscentConfig, ...]:
+  if cond is None:
+    return tuple(RELEASE_COND_FINEST if j == 0 else RELEASE_COND for j in range(spec.levels))
+  if isinstance(cond, AscentConfig):
+    return (cond,) * spec.levels
+  cond = tuple(cond)
+  if len(cond) != spec.levels:
+    raise ValueError(f"need {spec.levels} conditional configs (finest first), got {len(cond)}")
+  return cond
+
+
+def rescale_min_max(x: jax.Array, lo: float, hi: float) -> jax.Array:
+  """Per-image affine map of (B, ...) onto [lo, hi] (the release's low-pass rescale)."""
+  axes = tuple(range(1, x.ndim))
+  mn, mx = x.min(axes, keepdims=True), x.max(axes, keepdims=True)
+  return lo + (hi - lo) * (x - mn) / jnp.maximum(mx - mn, 1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=("cond_cfgs", "conv_impl"))
+def _refine(keys, params: models.ModelParams, low, cond_cfgs, conv_impl="xla"):
+  """Details of levels J-1 .. 0 given the low-pass x_J: returns [x_J, ..., x_0], infos."""
+  spec = params.spec
+  outs, infos = [low], []
+  for j in reversed(range(spec.levels)):
+    net, variables = params.net(f"cond{j}")
+    cond = low
+    f = lambda y, cond=cond, net=net, v=variables: models.apply_net(
+        net, v, jnp.concatenate([cond, y], -1), conv_impl=conv_impl)
+    level_keys = jax.vmap(lambda k, j=j: jax.random.fold_in(k, j + 1))(keys)
+    shape = low.shape[1:3] + (3 * spec.channels,)
+    det, info = ascent(level_keys, f, shape, cond_cfgs[j])
+    low = wavelets.idwt_level(low, det, spec.wavelet, spec.mode)
+    outs.append(low)
+    infos.append(info)
+  return outs, infos
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "cfg", "conv_impl"))
+def _global_ascent(keys, params: models.ModelParams, shape, cfg, conv_impl="xla"):
+  level_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+  return ascent(level_keys, params.residual_fn(params.spec.low.name, conv_impl), shape, cfg)
+
+
+def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None = None, *,
+           image_size: Sequence[int] | None = None, low_config: AscentConfig = RELEASE_LOW,
+           cond_config: AscentConfig | Sequence[AscentConfig] | None = None,
+           low_rescale: tuple[float, float] | None = None, return_intermediates: bool = False,
+           conv_impl: str = "xla"):
+  """Unconditional samples (N, H, W, C), coarse to fine.
+
+  key: one key (then ``num_samples``, default 1) or a (N,) batch of keys; sample i depends
+  only on its own key. image_size: (H, W), default the model's training size. low_config:
+  ascent of the low-pass net (flat models: of the flat net); default the release's (beta
+  0.01, fixed h 0.01, sigma_L 0.1). cond_config: one config or one per level (finest
+  first); default h0 0.01 ascending, beta 0.5, sigma_L 0.01 (0.015 at the finest level).
+  low_rescale: e.g. (0, 0.8), the release's per-image min-max rescale of the sampled
+  low-pass before the details are synthesised (it compensates the low-pass net's intensity
+  augmentation); None keeps the sampled low-pass as is.
+  return_intermediates: also return ([x_J, ..., x_0], per-scale AscentInfo list, coarse
+  first).
+  """
+  spec = params.spec
+  keys = _keys(key, num_samples)
+  h, w = tuple(image_size or spec.image_size)
+  if spec.levels and spec.mode == wavelets.PERIODIZATION:
+    wavelets.check_size(h, w, spec.levels)
+  shape = (h // 2 ** spec.levels, w // 2 ** spec.levels, spec.channels)
+  low, low_info = _global_ascent(keys, params, shape, low_config, conv_impl)
+  if low_rescale is not None:
+    low = rescale_min_max(low, *low_rescale)
+  outs, infos = _refine(keys, params, low, _cond_configs(spec, cond_config), conv_impl)
+  if return_intermediates:
+    return outs[-1], outs, [low_info] + infos
+  return outs[-1]
+
+
+def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array, *,
+                  cond_config: AscentConfig | Sequence[AscentConfig] | None = None,
+                  return_intermediates: bool = False, conv_impl: str = "xla"):
+  """Synthesise the details of J levels given low-pass images: (B, h, w, C) -> (B, 2^J h,
+  2^J w, C), i.e. 4x with J = 2, 8x with J = 3.
+
+  low_res: the normalised low-pass x_J (local averages, pixel units), e.g.
+  ``wavelets.decompose(images, J).low``. key: one key or a (B,) batch of keys.
+  """
+  spec = params.spec
+  if spec.levels == 0:
+    raise ValueError("super_resolve needs a multi-scale model (levels >= 1); these params hold "
+                     "a flat denoiser")
+  if low_res.ndim != 4 or low_res.shape[-1] != spec.channels:
+    raise ValueError(f"low_res must be (B, h, w, {spec.channels}), got shape {low_res.shape}")
+  if tuple(low_res.shape[1:3]) == tuple(spec.image_size):
+    s = spec.image_size
+    raise ValueError(
+        f"low_res has the model's full image size {s[0]}x{s[1]}; pass its {spec.levels}-level "
+        f"low-pass ({s[0] // 2 ** spec.levels}x{s[1] // 2 ** spec.levels}), e.g. "
+        f"wcdm_jax.decompose(images, {spec.levels}).low")
+  keys = _keys(key, low_res.shape[0])
+  outs, infos = _refine(keys, params, jnp.asarray(low_res, jnp.float32),
+                        _cond_configs(spec, cond_config), conv_impl)
+  return (outs[-1], outs, infos) if return_intermediates else outs[-1]
