@@ -7,6 +7,7 @@ r"""Sample, super-resolve and denoise with a trained or imported model; writes P
 Outputs in --out: samples.png (grid), progression.png (low-pass, then each finer scale),
 superres.png and denoising.png when --images is given, and samples.npz (raw arrays).
 """
+import dataclasses
 import os
 import sys
 import time
@@ -68,8 +69,8 @@ def main(argv):
     raise app.UsageError("--low_rescale takes two numbers, e.g. 0,0.8")
   params = wcdm_jax.load_params(FLAGS.model)
   spec = params.spec
-  conds = [cond.__class__(**{**cond.__dict__, "sigma_L": FLAGS.cond_sigma_L_finest})
-           if j == 0 else cond for j in range(spec.levels)]
+  conds = [dataclasses.replace(cond, sigma_L=FLAGS.cond_sigma_L_finest) if j == 0 else cond
+           for j in range(spec.levels)]
   out = FLAGS.out or os.path.join(FLAGS.model, "samples")
   os.makedirs(out, exist_ok=True)
   size = (FLAGS.image_size,) * 2 if FLAGS.image_size else spec.image_size

@@ -62,6 +62,7 @@ flags.DEFINE_integer("eval_every", 200, "Steps between per-scale PSNR evaluation
 flags.DEFINE_float("eval_sigma", 0.1, "Noise std of the per-scale PSNR.", lower_bound=0.0)
 flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.", lower_bound=1)
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept per net.", lower_bound=1)
+flags.DEFINE_bool("dry_run", False, "Check the flags, print the model and exit.")
 flags.DEFINE_integer("stop_after", 0, "Stop after this many steps of this run (0 = never).",
                      lower_bound=0)
 
@@ -99,6 +100,13 @@ def main(argv):
         stop_after=FLAGS.stop_after)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  if FLAGS.dry_run:
+    for name, net in spec.nets.items():
+      common.log(f"{name}: RF {net.rf}, {net.num_layers} layers, {net.features} features, "
+                 f"{net.in_channels}->{net.out_channels} channels, "
+                 f"{training.net_num_steps(spec, name, cfg)} steps")
+    common.log(f"data: {data_cfg}")
+    return
   common.write_flags(FLAGS, os.path.join(FLAGS.workdir, "train.flags"))
   final = trainer.train(spec, data_cfg, cfg, run, log=common.log)
   for name, m in final.items():

@@ -1,0 +1,23 @@
+# Set-up is part of every target: a fresh machine needs only `make quickstart` / `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup quickstart test bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Train a small J = 2 model on the embedded photographs, then sample, super-resolve and
+# denoise with it; everything lands in workdirs/quickstart.
+quickstart: setup
+	$(PY) launch/train.py --flagfile=launch/configs/quickstart.flags
+	$(PY) launch/sample.py --flagfile=launch/configs/quickstart_sample.flags
+
+test: setup
+	$(PY) -m pytest -q tests
