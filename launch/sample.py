@@ -39,6 +39,8 @@ flags.DEFINE_float("cond_sigma_L", 0.01, "Conditional ascents: final noise level
 flags.DEFINE_float("cond_sigma_L_finest", 0.015, "Final noise level at the finest level.")
 flags.DEFINE_bool("cond_ascending", True, "Conditional ascents: ascending step sizes.")
 flags.DEFINE_integer("cond_max_steps", 1000, "Conditional ascents: maximum steps.", lower_bound=1)
+flags.DEFINE_integer("time_repeats", 0, "Re-run the sampling this many times and report the "
+                     "steady-state speed (without compilation).", lower_bound=0)
 flags.DEFINE_string("images", "", "Images for super-resolution and denoising examples: "
                     "'embedded', 'folder:/path' or 'tfds:name[:split]' (empty = skip).")
 flags.DEFINE_integer("num_images", 4, "How many of --images to use.", lower_bound=1)
@@ -82,15 +84,23 @@ def main(argv):
     t0 = time.time()
     common.log(f"sampling {FLAGS.num_samples} images of {size[0]}x{size[1]} "
                f"({spec.levels} levels)")
-    images, scales, infos = sampling.sample(
+    run = lambda: sampling.sample(
         jax.random.key(FLAGS.seed), params, FLAGS.num_samples, image_size=size,
         low_config=low_cfg, cond_config=conds, low_rescale=rescale, return_intermediates=True)
+    images, scales, infos = run()
     images.block_until_ready()
     dt = time.time() - t0
     steps = [np.asarray(i.steps).tolist() for i in infos]
-    common.log(f"{FLAGS.num_samples} samples in {dt:.1f} s ({60 * FLAGS.num_samples / dt:.1f} "
-               f"images/min); steps per scale (coarse first): {steps}; aborted: "
-               f"{[int(np.sum(i.aborted)) for i in infos]}")
+    common.log(f"{FLAGS.num_samples} samples in {dt:.1f} s, compilation included "
+               f"({60 * FLAGS.num_samples / dt:.1f} images/min); steps per scale (coarse first): "
+               f"{steps}; aborted: {[int(np.sum(i.aborted)) for i in infos]}")
+    if FLAGS.time_repeats:
+      t0 = time.time()
+      for _ in range(FLAGS.time_repeats):
+        run()[0].block_until_ready()
+      dt = (time.time() - t0) / FLAGS.time_repeats
+      common.log(f"steady state: {dt:.2f} s per batch of {FLAGS.num_samples} = "
+                 f"{60 * FLAGS.num_samples / dt:.1f} images/min")
     arrays.update(samples=np.asarray(images), **{f"scale_{k}": np.asarray(s)
                                                  for k, s in enumerate(scales)})
     common.log("wrote " + reporting.save_png(os.path.join(out, "samples.png"),

@@ -1,0 +1,129 @@
+r"""Train-step and forward speed of the three BF-CNNs: JAX (each conv lowering) vs PyTorch.
+
+  python benchmarks/bench_nets.py            # all cases
+  python benchmarks/bench_nets.py --repeats=3 --cases=cond9
+
+Same machine, same run, same thread count, float32, medians after warm-up. A train step is
+forward + loss + backward + Adam update on a given noisy batch. GFLOP/s counts 2 x multiply-
+adds (train step: 3 x forward). Also measures the matrix-product peak of XLA and PyTorch here.
+"""
+import argparse
+import functools
+
+from common import gflops, median_time, rng_images, table, torch_bfcnn, torch_threads
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+import optax  # pylint: disable=g-import-not-at-top
+
+from wcdm_jax import models, training  # pylint: disable=g-import-not-at-top
+
+CASES = {
+    "flat43": ("flat RF 43, 64x64, batch 16", models.flat_spec(43), 64, 16),
+    "cond9": ("conditional RF 9, 80x80, batch 16", models.cond_spec(0, 9), 80, 16),
+    "low41": ("low-pass RF 41, 40x40, batch 64", models.low_spec(2, 41), 40, 64),
+}
+IMPLS = ("xla", "matmul")
+
+
+def jax_train_step(spec, impl):
+  tx = optax.adam(1e-3)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+  def step(params, stats, opt_state, noisy, noise):
+    (loss, stats), grads = jax.value_and_grad(training.loss_fn, has_aux=True)(
+        params, stats, spec, noisy, noise, conv_impl=impl)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state, loss
+
+  return tx, step
+
+
+def bench_jax(spec, size, batch, impl, repeats):
+  v = models.init_net(jax.random.key(0), spec)
+  noisy = jnp.asarray(rng_images((batch, size, size, spec.in_channels)))
+  noise = jnp.asarray(rng_images((batch, size, size, spec.out_channels), 1))
+  tx, step = jax_train_step(spec, impl)
+  state = [v["params"], v["batch_stats"], tx.init(v["params"])]
+
+  def train():
+    state[0], state[1], state[2], loss = step(*state, noisy, noise)
+    loss.block_until_ready()
+
+  fwd = jax.jit(lambda v, x: models.apply_net(spec, v, x, conv_impl=impl))
+  forward = lambda: fwd(v, noisy).block_until_ready()
+  return median_time(train, repeats=repeats), median_time(forward, repeats=repeats)
+
+
+def bench_torch(spec, size, batch, repeats):
+  import torch  # pylint: disable=g-import-not-at-top
+  net = torch_bfcnn(spec)
+  opt = torch.optim.Adam(net.parameters(), 1e-3)
+  noisy = torch.from_numpy(rng_images((batch, spec.in_channels, size, size)))
+  noise = torch.from_numpy(rng_images((batch, spec.out_channels, size, size), 1))
+
+  def train():
+    net.train()
+    opt.zero_grad()
+    loss = ((net(noisy) - noise) ** 2).sum() / batch
+    loss.backward()
+    opt.step()
+
+  def forward():
+    net.eval()
+    with torch.inference_mode():
+      net(noisy)
+
+  return median_time(train, repeats=repeats), median_time(forward, repeats=repeats)
+
+
+def matmul_peak(repeats):
+  import torch  # pylint: disable=g-import-not-at-top
+  m, k, n = 16 * 64 * 64, 576, 64
+  a, b = rng_images((m, k)), rng_images((k, n), 1)
+  ja, jb = jnp.asarray(a), jnp.asarray(b)
+  dot = jax.jit(jnp.dot)
+  t_jax = median_time(lambda: dot(ja, jb).block_until_ready(), repeats=repeats)
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  t_torch = median_time(lambda: ta @ tb, repeats=repeats)
+  flops = 2.0 * m * k * n
+  return gflops(flops, t_jax), gflops(flops, t_torch)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", default=",".join(CASES))
+  parser.add_argument("--impls", default=",".join(IMPLS))
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  threads = torch_threads()
+  peak_jax, peak_torch = matmul_peak(args.repeats)
+  print(f"threads: {threads}; jax {jax.__version__} ({jax.devices()[0].platform}); "
+        f"matmul (65536x576 @ 576x64) peak: XLA {peak_jax:.1f} GFLOP/s, PyTorch {peak_torch:.1f} GFLOP/s\n")
+  train_rows, fwd_rows = [], []
+  for key in args.cases.split(","):
+    title, spec, size, batch = CASES[key]
+    flops = spec.flops_per_pixel() * size * size * batch
+    t_train, t_fwd = bench_torch(spec, size, batch, args.repeats)
+    best = {}
+    for impl in args.impls.split(","):
+      j_train, j_fwd = bench_jax(spec, size, batch, impl, args.repeats)
+      train_rows.append([title, f"jax/{impl}", batch / j_train, gflops(3 * flops, j_train),
+                         f"{t_train / j_train:.2f}x", f"{gflops(3 * flops, j_train) / peak_jax:.0%}"])
+      fwd_rows.append([title, f"jax/{impl}", batch / j_fwd, gflops(flops, j_fwd),
+                       f"{t_fwd / j_fwd:.2f}x"])
+      best[impl] = (j_train, j_fwd)
+    train_rows.append([title, "pytorch", batch / t_train, gflops(3 * flops, t_train), "1.00x",
+                       f"{gflops(3 * flops, t_train) / peak_jax:.0%}"])
+    fwd_rows.append([title, "pytorch", batch / t_fwd, gflops(flops, t_fwd), "1.00x"])
+  print(table("Train step (forward + backward + Adam)",
+              ["case", "impl", "images/s", "GFLOP/s", "vs PyTorch", "of XLA matmul peak"],
+              train_rows))
+  print()
+  print(table("Denoiser forward (evaluation mode)",
+              ["case", "impl", "images/s", "GFLOP/s", "vs PyTorch"], fwd_rows))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,138 @@
+r"""Multi-scale synthesis of 160x160 images (J = 2): JAX, batched, vs the PyTorch loop run the
+way the authors run it (one image at a time).
+
+  python benchmarks/bench_sampling.py                 # 200 low-pass + 80 + 80 steps per image
+  python benchmarks/bench_sampling.py --low_steps=8521  # the release's full low-pass ascent
+
+Both sides run the release's algorithm and settings (method.md §5: low-pass beta 0.01, fixed
+h 0.01; conditional scales h0 0.01 ascending, beta 0.5) with the same nets (the released RF 13
+weights when ../shared is present, else random ones of the same shapes) and exactly the same
+number of denoiser evaluations per image (the stop rules are disabled, so every image runs the
+given steps). Per-image time of the full release run is extrapolated from the per-step costs.
+"""
+import argparse
+import dataclasses
+import os
+import time
+
+from common import table, torch_bfcnn, torch_threads
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from wcdm_jax import models, pretrained, sampling, wavelets  # pylint: disable=g-import-not-at-top
+
+RELEASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                       "shared", "reference", "lcv-denoisers")
+
+
+def load_model():
+  found = pretrained.find_release_models(RELEASE) if os.path.isdir(RELEASE) else {}
+  if "ms_celebA_160x160_gray_rf13" in found:
+    return pretrained.load_release_model(found["ms_celebA_160x160_gray_rf13"]), "released RF 13"
+  spec = models.multiscale_spec(2, cond_rf=13, image_size=(160, 160))
+  return models.init_model(jax.random.key(0), spec), "random RF 13"
+
+
+def torch_net(spec, variables):
+  import torch  # pylint: disable=g-import-not-at-top
+  net = torch_bfcnn(spec).eval()
+  p, s = variables["params"], variables["batch_stats"]
+  with torch.no_grad():
+    for l, conv in enumerate(net.conv_layers):
+      k = p[f"conv_{l}"]["kernel"] if f"conv_{l}" in p else p[f"block_{l}"]["conv"]["kernel"]
+      conv.weight.copy_(torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy()))
+    for l, bn in enumerate(net.BN_layers, start=1):
+      bn.gammas.copy_(torch.from_numpy(np.asarray(p[f"block_{l}"]["bn"]["gammas"]).reshape(1, -1, 1, 1)))
+      bn.running_sd.copy_(torch.from_numpy(np.asarray(s[f"block_{l}"]["bn"]["running_sd"]).reshape(1, -1, 1, 1)))
+  return net
+
+
+def torch_ascent(net, shape, steps, h0, beta, ascending, cond=None, seed=0):
+  """The authors' loop for one image: y <- y - h f(y) + gamma z, with a .item() per step."""
+  import torch  # pylint: disable=g-import-not-at-top
+  g = torch.Generator().manual_seed(seed)
+  y = torch.randn(1, *shape, generator=g)
+  n = float(np.prod(shape))
+  with torch.inference_mode():
+    for t in range(1, steps + 1):
+      h = h0 * t / (1 + h0 * (t - 1)) if ascending else h0
+      d = net(y if cond is None else torch.cat([cond, y], 1))
+      sigma = torch.norm(d) / np.sqrt(n)
+      gamma = sigma * np.sqrt((1 - beta * h) ** 2 - (1 - h) ** 2)
+      y = y - h * d + gamma * torch.randn(1, *shape, generator=g)
+      snr = 20 * torch.log10(y.std() / sigma).item()  # the stop test (disabled here)
+      del snr
+    return y - net(y if cond is None else torch.cat([cond, y], 1))
+
+
+def torch_synthesis(nets, low_steps, cond_steps, seed):
+  import torch  # pylint: disable=g-import-not-at-top
+  low = torch_ascent(nets["low"], (1, 40, 40), low_steps, 0.01, 0.01, False, seed=seed)
+  low = (low - low.min()) / (low.max() - low.min()) * 0.8
+  for j, size in ((1, 40), (0, 80)):
+    det = torch_ascent(nets[f"cond{j}"], (3, size, size), cond_steps, 0.01, 0.5, True, low, seed)
+    x = jnp.asarray(np.concatenate([low.numpy(), det.numpy()], 1).transpose(0, 2, 3, 1))
+    low = torch.from_numpy(np.asarray(wavelets.idwt_level(x[..., :1], x[..., 1:])).transpose(0, 3, 1, 2).copy())
+  return low
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--low_steps", type=int, default=200)
+  parser.add_argument("--cond_steps", type=int, default=80)
+  parser.add_argument("--torch_images", type=int, default=1)
+  parser.add_argument("--release_low_steps", type=int, default=8521)
+  args = parser.parse_args()
+  threads = torch_threads()
+  params, which = load_model()
+  never = dict(sigma_L=1e-30, abort_sigma=float("inf"))  # fixed step counts on both sides
+  low_cfg = dataclasses.replace(sampling.RELEASE_LOW, max_steps=args.low_steps, **never)
+  cond_cfg = dataclasses.replace(sampling.RELEASE_COND, max_steps=args.cond_steps, **never)
+
+  def run_jax(low_steps, cond_steps, n):
+    lc = dataclasses.replace(low_cfg, max_steps=low_steps)
+    cc = dataclasses.replace(cond_cfg, max_steps=cond_steps)
+    return sampling.sample(jax.random.key(0), params, n, low_config=lc, cond_config=cc,
+                           low_rescale=(0.0, 0.8)).block_until_ready()
+
+  # JAX: compile once, then time; low-pass and conditional costs separately for extrapolation.
+  run_jax(args.low_steps, args.cond_steps, args.batch)
+  run_jax(1, args.cond_steps, args.batch)
+  t = time.perf_counter(); run_jax(args.low_steps, args.cond_steps, args.batch)
+  j_total = (time.perf_counter() - t) / args.batch
+  t = time.perf_counter(); run_jax(1, args.cond_steps, args.batch)
+  j_cond = (time.perf_counter() - t) / args.batch
+  j_low_step = (j_total - j_cond) / max(args.low_steps - 1, 1)
+
+  nets = {n: torch_net(*params.net(n)) for n in params.spec.nets}
+  torch_synthesis(nets, 2, 2, 0)  # warm-up
+  t = time.perf_counter()
+  for i in range(args.torch_images):
+    torch_synthesis(nets, args.low_steps, args.cond_steps, i)
+  t_total = (time.perf_counter() - t) / args.torch_images
+  t = time.perf_counter()
+  for i in range(args.torch_images):
+    torch_synthesis(nets, 1, args.cond_steps, i)
+  t_cond = (time.perf_counter() - t) / args.torch_images
+  t_low_step = (t_total - t_cond) / max(args.low_steps - 1, 1)
+
+  full = lambda cond, step: cond + step * (args.release_low_steps - 1)
+  rows = [
+      [f"JAX, batch {args.batch}", f"{j_total:.2f}", f"{1e3 * j_low_step:.2f}", f"{j_cond:.2f}",
+       f"{full(j_cond, j_low_step):.1f}", f"{j_total / t_total:.2f}x"],
+      ["PyTorch, one image at a time", f"{t_total:.2f}", f"{1e3 * t_low_step:.2f}", f"{t_cond:.2f}",
+       f"{full(t_cond, t_low_step):.1f}", "1.00x"],
+  ]
+  print(f"threads: {threads}; nets: {which}; steps per image: low-pass {args.low_steps}, "
+        f"conditional {args.cond_steps} + {args.cond_steps}\n")
+  print(table("Multi-scale synthesis, 160x160, per image",
+              ["", "measured run (s)", "low-pass step (ms)", "both conditional scales (s)",
+               f"release run, {args.release_low_steps} low-pass steps (s, extrapolated)",
+               "time vs PyTorch"], rows))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,91 @@
+"""Shared pieces of the benchmarks: timing, FLOP counts, and the authors' BF-CNN in PyTorch.
+
+The PyTorch network is the authors' architecture written out here (bias-free convolutions,
+bias-free batch norm with a running std, ReLU), used only as the speed reference.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+
+def median_time(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> float:
+  """Median wall time of ``fn()`` in seconds after ``warmup`` calls (fn must block)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def table(title: str, header: list[str], rows: list[list]) -> str:
+  cells = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+  out = [f"### {title}", "", line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+  out += [line(r) for r in cells[1:]]
+  return "\n".join(out)
+
+
+def torch_threads() -> int:
+  import torch  # pylint: disable=g-import-not-at-top
+  n = os.cpu_count() or 1
+  torch.set_num_threads(n)
+  return n
+
+
+def torch_bfcnn(spec):
+  """The authors' BF-CNN for a ``models.NetSpec``, as a torch.nn.Module (NCHW)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  class BFBatchNorm(nn.Module):
+
+    def __init__(self, c):
+      super().__init__()
+      self.register_buffer("running_sd", torch.ones(1, c, 1, 1))
+      self.gammas = nn.Parameter((torch.randn(1, c, 1, 1) * (2.0 / 9.0 / 64.0)).clamp(-0.025, 0.025))
+
+    def forward(self, x):
+      if self.training:
+        sd = torch.sqrt(x.var(dim=(0, 2, 3), keepdim=True, unbiased=False) + 1e-5)
+        with torch.no_grad():
+          self.running_sd.copy_(0.9 * self.running_sd + 0.1 * sd)
+        return x / sd * self.gammas
+      return x / self.running_sd * self.gammas
+
+  class BFCNN(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      chans = [spec.in_channels] + [spec.features] * (spec.num_layers - 1) + [spec.out_channels]
+      self.conv_layers = nn.ModuleList(
+          nn.Conv2d(ci, co, k, padding=k // 2, bias=False)
+          for ci, co, k in zip(chans[:-1], chans[1:], spec.kernel_sizes))
+      self.BN_layers = nn.ModuleList(BFBatchNorm(spec.features) for _ in range(spec.num_layers - 2))
+
+    def forward(self, x):
+      x = self.conv_layers[0](x)
+      for conv, bn in zip(self.conv_layers[1:-1], self.BN_layers):
+        x = torch.relu(bn(conv(x)))
+      return self.conv_layers[-1](x)
+
+  return BFCNN()
+
+
+def gflops(flops: float, seconds: float) -> float:
+  return flops / seconds / 1e9
+
+
+def rng_images(shape, seed=0) -> np.ndarray:
+  return np.random.RandomState(seed).rand(*shape).astype(np.float32)

@@ -1,0 +1,109 @@
+"""Writes colabs/pretrained_demo.ipynb from the cells below (keeps the notebook reviewable).
+
+  python colabs/make_pretrained_demo.py
+"""
+import json
+import os
+
+CELLS = [
+    ("markdown", """# wcdm_jax: the authors' released denoisers in JAX
+
+Imports the PyTorch weights released with *Learning multi-scale local conditional probability
+models of images* (Kadkhodaie, Guth, Mallat, Simoncelli, ICLR 2023), then denoises, super-resolves
+(4x with J = 2, 8x with J = 3) and samples faces at 160x160 and 320x320.
+Runs top to bottom on a CPU runtime with the reduced settings below; set `SMALL = False` on a GPU/TPU
+runtime for the release's sampling settings."""),
+    ("code", """# On Colab: !pip install -q "wcdm_jax @ git+<this repository's URL>"
+import os
+import jax, jax.numpy as jnp, numpy as np
+import matplotlib.pyplot as plt
+import wcdm_jax
+from wcdm_jax import data, evaluation, pretrained, sampling"""),
+    ("markdown", "## Parameters\n`RELEASE_DIR`: the folder of the release (`lcv-denoisers/`, holding `flat/` and `multi_scale/`)."),
+    ("code", """RELEASE_DIR = os.environ.get("WCDM_RELEASE", "/content/lcv-denoisers")
+IMAGES = os.environ.get("WCDM_IMAGES", "embedded")   # or "folder:/content/celeba" (aligned CelebA)
+SMALL = os.environ.get("WCDM_SMALL", "1") == "1"     # reduced settings for a CPU runtime
+TINY = os.environ.get("WCDM_TINY", "0") == "1"       # CI: a few steps only, to check the notebook runs
+LOW_STEPS = 8 if TINY else (400 if SMALL else 15000)
+COND_STEPS = 4 if TINY else 1000
+NUM_SAMPLES = 1 if TINY else 2"""),
+    ("markdown", "## Import the weights\nA restricted reader that accepts tensors only: no torch needed, no code unpickled."),
+    ("code", """found = pretrained.find_release_models(RELEASE_DIR)
+print(sorted(found))
+ms160 = pretrained.load_release_model(found["ms_celebA_160x160_gray_rf13"])
+ms320 = pretrained.load_release_model(found["ms_celebA_320x320_gray_rf13"])
+flat = pretrained.load_release_model(found["flat_celebA_160x160_gray_rf43"])
+for name, p in [("ms160", ms160), ("ms320", ms320), ("flat", flat)]:
+  print(name, {n: s.rf for n, s in p.spec.nets.items()})"""),
+    ("markdown", "## Images\nThe paper's preprocessing: grey = mean of RGB, crop [29:-29, 9:-9] of aligned CelebA, 160x160."),
+    ("code", """def load(size, n=2):
+  crop = "celeba" if IMAGES.startswith("folder:") else "none"
+  cfg = data.DataConfig(IMAGES, size, 1, crop if size == 160 else "center", eval_fraction=0.0, flips=False,
+                        max_images=n if IMAGES.startswith("folder:") else 0)
+  if IMAGES == "embedded":
+    cfg = data.DataConfig("embedded", min(size, 128), 1)
+  src = data.make_source(cfg, n, 0, "eval" if IMAGES == "embedded" else "all")
+  x = jnp.asarray(src.batch(0))
+  return jax.image.resize(x, (n, size, size, 1), "bicubic") if x.shape[1] != size else x
+
+def show(rows, titles=None):
+  fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(2.2 * len(rows[0]), 2.2 * len(rows)), squeeze=False)
+  for r, row in enumerate(rows):
+    for c, img in enumerate(row):
+      axes[r][c].imshow(np.clip(np.asarray(img)[..., 0], 0, 1), cmap="gray", vmin=0, vmax=1)
+      axes[r][c].axis("off")
+      if titles and r == 0: axes[r][c].set_title(titles[c], fontsize=8)
+  plt.show()
+
+x160 = load(160)
+x320 = load(320)"""),
+    ("markdown", "## Denoising: flat RF 43 and multi-scale RF 13"),
+    ("code", """sigma = 50 / 255
+y = x160 + sigma * jax.random.normal(jax.random.key(0), x160.shape)
+d_flat = wcdm_jax.denoise(flat, y)
+d_ms = wcdm_jax.denoise(ms160, y)
+for name, d in [("noisy", y), ("flat RF43", d_flat), ("multi-scale RF13", d_ms)]:
+  print(f"{name}: {float(evaluation.psnr(d, x160).mean()):.2f} dB")
+show([[x160[0], y[0], d_flat[0], d_ms[0]]], ["clean", "noisy", "flat RF43", "multi-scale RF13"])"""),
+    ("markdown", "## Super-resolution: 4x (J = 2, 160x160) and 8x (J = 3, 320x320)"),
+    ("code", """cond = sampling.AscentConfig(h0=0.01, beta=0.5, sigma_L=0.01, max_steps=COND_STEPS)
+low4 = wcdm_jax.decompose(x160, 2).low
+sr4 = wcdm_jax.super_resolve(jax.random.key(1), ms160, low4, cond_config=cond)
+low8 = wcdm_jax.decompose(x320, 3).low
+sr8 = wcdm_jax.super_resolve(jax.random.key(2), ms320, low8, cond_config=cond)
+print(sr4.shape, sr8.shape)
+show([[x160[0], jax.image.resize(low4[0], (160, 160, 1), "nearest"), sr4[0]],
+      [x320[0], jax.image.resize(low8[0], (320, 320, 1), "nearest"), sr8[0]]],
+     ["original", "low-pass", "super-resolved"])"""),
+    ("markdown", """## Sampling faces at 160x160 and 320x320
+Release settings: low-pass beta 0.01, fixed h 0.01, sigma_L 0.1 (~8,500 steps), then the min-max rescale
+to [0, 0.8]. With `SMALL`, the low-pass ascent uses ascending steps (a few hundred steps)."""),
+    ("code", """low_cfg = (sampling.AscentConfig(h0=0.01, beta=0.1, sigma_L=0.1, ascending=True, max_steps=LOW_STEPS) if SMALL
+           else sampling.RELEASE_LOW)
+s160, scales160, _ = wcdm_jax.sample(jax.random.key(3), ms160, NUM_SAMPLES, low_config=low_cfg,
+                                     cond_config=cond, low_rescale=(0.0, 0.8), return_intermediates=True)
+s320, scales320, _ = wcdm_jax.sample(jax.random.key(4), ms320, NUM_SAMPLES, low_config=low_cfg,
+                                     cond_config=cond, low_rescale=(0.0, 0.8), return_intermediates=True)
+print(s160.shape, s320.shape)
+show([[s[0] for s in scales160], [s[0] for s in scales320[1:]]])"""),
+]
+
+
+def main():
+  nb = {"nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3"},
+                     "language_info": {"name": "python"}},
+        "cells": []}
+  for i, (kind, text) in enumerate(CELLS):
+    cell = {"cell_type": kind, "metadata": {}, "source": text.splitlines(keepends=True), "id": f"c{i}"}
+    if kind == "code":
+      cell.update(outputs=[], execution_count=None)
+    nb["cells"].append(cell)
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained_demo.ipynb")
+  with open(path, "w") as f:
+    json.dump(nb, f, indent=1)
+  print("wrote", path)
+
+
+if __name__ == "__main__":
+  main()

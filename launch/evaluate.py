@@ -1,0 +1,85 @@
+r"""Denoising PSNR of any set of models over a range of noise levels; JSON + figure.
+
+  python launch/evaluate.py --models=models/flat_celebA_160x160_gray_rf9,models/ms_celebA_160x160_gray_rf9 \
+      --images=folder:../shared/data/celeba-aligned --crop=celeba --image_size=160 --num_images=128 \
+      --out=eval/celeba
+
+Images are the first --num_images files (sorted by name) with the given preprocessing. Noise is
+Gaussian with std --noise_levels (/255), drawn from fixed seeds, so runs are comparable. Writes
+OUT/psnr.json, OUT/psnr.png (output PSNR against input PSNR, identity line, one curve per model,
+flat and multi-scale panels) and, with --filters, OUT/filters.png (rows of each model's
+Jacobian: the adaptive averaging it applies around a few pixels).
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+from launch import common  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", None, "Model directories (flat and/or multi-scale).")
+flags.DEFINE_list("names", [], "Labels of the models (default: directory names).")
+flags.DEFINE_string("images", "embedded", "'folder:/path', 'tfds:name[:split]' or 'embedded'.")
+flags.DEFINE_enum("crop", "none", ["none", "celeba", "center"], "Crop before resizing.")
+flags.DEFINE_integer("image_size", 0, "Image size (0 = the first model's training size).",
+                     lower_bound=0)
+flags.DEFINE_integer("num_images", 128, "How many images (first ones by name).", lower_bound=1)
+flags.DEFINE_list("noise_levels", ["0", "5", "10", "20", "40", "60", "100", "160", "260", "400",
+                                   "640"], "Noise stds in /255 units.")
+flags.DEFINE_integer("seed", 0, "Noise seed.")
+flags.DEFINE_integer("batch_size", 8, "Images per denoiser call.", lower_bound=1)
+flags.DEFINE_string("out", "eval", "Output directory.")
+flags.DEFINE_bool("filters", False, "Also plot adaptive filters (Jacobian rows).")
+flags.DEFINE_float("filter_sigma", 60.0, "Noise std (/255) of the adaptive-filter figure.")
+flags.mark_flag_as_required("models")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  common.setup_logging()
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import wcdm_jax  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import data, evaluation, plots  # pylint: disable=g-import-not-at-top
+  names = FLAGS.names or [os.path.basename(os.path.normpath(m)) for m in FLAGS.models]
+  if len(names) != len(FLAGS.models):
+    raise app.UsageError("--names needs one label per --models entry")
+  try:
+    levels = [float(v) for v in FLAGS.noise_levels]
+  except ValueError as e:
+    raise app.UsageError(f"--noise_levels: {e}") from e
+  models = {n: wcdm_jax.load_params(m) for n, m in zip(names, FLAGS.models)}
+  size = FLAGS.image_size or next(iter(models.values())).spec.image_size[0]
+  channels = next(iter(models.values())).spec.channels
+  cfg = data.DataConfig(FLAGS.images, size, channels, FLAGS.crop, eval_fraction=0.0, flips=False,
+                        max_images=FLAGS.num_images if FLAGS.images.startswith("folder:") else 0)
+  src = data.make_source(cfg, FLAGS.num_images, 0, "all" if FLAGS.images != "embedded" else "eval")
+  images = src.batch(0) if FLAGS.images == "embedded" else src.fetch(np.arange(
+      min(FLAGS.num_images, src.num_examples)))
+  common.log(f"{len(images)} images of {size}x{size} from {FLAGS.images}")
+  results = {}
+  for name, params in models.items():
+    curve = evaluation.denoising_curve(params, images, [s / 255 for s in levels], FLAGS.seed,
+                                       FLAGS.batch_size)
+    curve["noise_std_255"] = levels
+    curve["kind"] = "multi-scale" if params.spec.levels else "flat"
+    results[name] = curve
+    common.log(f"{name}: " + " ".join(f"{s:g}:{o:.2f}" for s, o in zip(levels, curve["psnr_out"])))
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(os.path.join(FLAGS.out, "psnr.json"), "w") as f:
+    json.dump({"images": FLAGS.images, "num_images": len(images), "image_size": size,
+               "seed": FLAGS.seed, "models": results}, f, indent=1)
+  common.log("wrote " + plots.psnr_curves(results, os.path.join(FLAGS.out, "psnr.png")))
+  if FLAGS.filters:
+    path = plots.adaptive_filter_figure(models, images[0], FLAGS.filter_sigma / 255,
+                                        os.path.join(FLAGS.out, "filters.png"), FLAGS.seed)
+    common.log("wrote " + path)
+  common.log(f"wrote {os.path.join(FLAGS.out, 'psnr.json')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

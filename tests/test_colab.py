@@ -1,0 +1,28 @@
+"""Executes colabs/pretrained_demo.ipynb top to bottom with a tiny configuration."""
+import json
+import os
+
+import pytest
+
+from conftest import REPO, shared_path
+
+
+def test_pretrained_demo_runs(monkeypatch):
+  release = shared_path("reference", "lcv-denoisers")
+  monkeypatch.setenv("WCDM_RELEASE", release)
+  monkeypatch.setenv("WCDM_TINY", "1")
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  with open(os.path.join(REPO, "colabs", "pretrained_demo.ipynb")) as f:
+    nb = json.load(f)
+  scope = {"__name__": "__notebook__"}
+  for cell in nb["cells"]:
+    if cell["cell_type"] != "code":
+      continue
+    src = "".join(line for line in cell["source"] if not line.lstrip().startswith(("!", "%")))
+    exec(compile(src, "pretrained_demo.ipynb", "exec"), scope)  # pylint: disable=exec-used
+  assert scope["sr4"].shape == (2, 160, 160, 1)
+  assert scope["sr8"].shape == (2, 320, 320, 1)
+  assert scope["s160"].shape == (1, 160, 160, 1) and scope["s320"].shape == (1, 320, 320, 1)
+  # The denoisers really denoise the demo's images.
+  psnr = scope["evaluation"].psnr
+  assert float(psnr(scope["d_ms"], scope["x160"]).mean()) > float(psnr(scope["y"], scope["x160"]).mean()) + 3

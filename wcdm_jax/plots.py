@@ -1,0 +1,77 @@
+"""Figures of the evaluation tool (matplotlib, headless)."""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wcdm_jax import evaluation, models
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def psnr_curves(results: Mapping[str, dict], path: str) -> str:
+  """Output PSNR against input PSNR, one curve per model; flat and multi-scale panels."""
+  plt = _pyplot()
+  kinds = [k for k in ("flat", "multi-scale") if any(r["kind"] == k for r in results.values())]
+  fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.5), squeeze=False)
+  for ax, kind in zip(axes[0], kinds):
+    finite = []
+    for name, r in results.items():
+      if r["kind"] != kind:
+        continue
+      pin, pout = np.asarray(r["psnr_in"]), np.asarray(r["psnr_out"])
+      ok = np.isfinite(pin)
+      ax.plot(pin[ok], pout[ok], "o-", ms=3, label=name)
+      finite += list(pin[ok])
+    if finite:
+      lo, hi = min(finite) - 2, max(finite) + 2
+      ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="identity")
+    ax.set_xlabel("input PSNR (dB)")
+    ax.set_ylabel("output PSNR (dB)")
+    ax.set_title(f"{kind} denoisers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def adaptive_filter_figure(params_by_name: Mapping[str, models.ModelParams], image: np.ndarray,
+                           sigma: float, path: str, seed: int = 0, half: int = 24) -> str:
+  """Rows: models; columns: the noisy image, then the Jacobian row at three pixels (zoomed)."""
+  plt = _pyplot()
+  h, w = image.shape[:2]
+  pixels = [(h // 2, w // 2), (h // 3, w // 3), (2 * h // 3, w // 2)]
+  noisy = jnp.asarray(image) + sigma * jax.random.normal(jax.random.key(seed), image.shape)
+  fig, axes = plt.subplots(len(params_by_name), 1 + len(pixels),
+                           figsize=(2.4 * (1 + len(pixels)), 2.4 * len(params_by_name)),
+                           squeeze=False)
+  for row, (name, params) in zip(axes, params_by_name.items()):
+    rows = np.asarray(evaluation.adaptive_filters(params, noisy, pixels))
+    row[0].imshow(np.clip(np.asarray(noisy)[..., 0], 0, 1), cmap="gray", vmin=0, vmax=1)
+    row[0].set_ylabel(name, fontsize=7)
+    for (py, px), filt, ax in zip(pixels, rows, row[1:]):
+      row[0].plot(px, py, "r+", ms=6)
+      crop = filt[max(py - half, 0):py + half + 1, max(px - half, 0):px + half + 1]
+      m = np.abs(crop).max() or 1.0
+      ax.imshow(crop, cmap="RdBu_r", vmin=-m, vmax=m)
+    for ax in row:
+      ax.set_xticks([])
+      ax.set_yticks([])
+  fig.suptitle(f"adaptive filters (Jacobian rows), noise std {sigma * 255:g}/255", fontsize=9)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
