@@ -8,27 +8,17 @@ plus arguments and outputs not aliased by donation. With --remat each block's ac
 recomputed in the backward pass instead of kept.
 """
 import argparse
-import functools
 
-from common import table
+from common import jax_train_step, table
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import optax  # pylint: disable=g-import-not-at-top
 
-from wcdm_jax import models, training  # pylint: disable=g-import-not-at-top
+from wcdm_jax import models  # pylint: disable=g-import-not-at-top
 
 
 def step_memory(spec, batch, size, remat):
-  tx = optax.adam(1e-3)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-  def step(params, stats, opt_state, noisy, noise):
-    (loss, stats), grads = jax.value_and_grad(training.loss_fn, has_aux=True)(
-        params, stats, spec, noisy, noise, remat=remat)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), stats, opt_state, loss
-
+  tx, step = jax_train_step(spec, remat=remat)
   v = jax.eval_shape(lambda: models.init_net(jax.random.key(0), spec))
   opt = jax.eval_shape(tx.init, v["params"])
   noisy = jax.ShapeDtypeStruct((batch, size, size, spec.in_channels), jnp.float32)

@@ -8,16 +8,15 @@ forward + loss + backward + Adam update on a given noisy batch. GFLOP/s counts 2
 adds (train step: 3 x forward). Also measures the matrix-product peak of XLA and PyTorch here.
 """
 import argparse
-import functools
 
-from common import gflops, median_time, rng_images, table, torch_bfcnn, torch_threads
+from common import (gflops, jax_train_step, median_time, rng_images, table, torch_bfcnn,
+                    torch_threads)
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
-import optax  # pylint: disable=g-import-not-at-top
 
-from wcdm_jax import models, training  # pylint: disable=g-import-not-at-top
+from wcdm_jax import models  # pylint: disable=g-import-not-at-top
 
 CASES = {
     "flat43": ("flat RF 43, 64x64, batch 16", models.flat_spec(43), 64, 16),
@@ -25,19 +24,6 @@ CASES = {
     "low41": ("low-pass RF 41, 40x40, batch 64", models.low_spec(2, 41), 40, 64),
 }
 IMPLS = ("xla", "matmul")
-
-
-def jax_train_step(spec, impl):
-  tx = optax.adam(1e-3)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-  def step(params, stats, opt_state, noisy, noise):
-    (loss, stats), grads = jax.value_and_grad(training.loss_fn, has_aux=True)(
-        params, stats, spec, noisy, noise, conv_impl=impl)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), stats, opt_state, loss
-
-  return tx, step
 
 
 def bench_jax(spec, size, batch, impl, repeats):
@@ -52,7 +38,8 @@ def bench_jax(spec, size, batch, impl, repeats):
     loss.block_until_ready()
 
   fwd = jax.jit(lambda v, x: models.apply_net(spec, v, x, conv_impl=impl))
-  forward = lambda: fwd(v, noisy).block_until_ready()
+  v_eval = models.init_net(jax.random.key(0), spec)  # the train step donated ``v``'s buffers
+  forward = lambda: fwd(v_eval, noisy).block_until_ready()
   return median_time(train, repeats=repeats), median_time(forward, repeats=repeats)
 
 
@@ -96,7 +83,13 @@ def main():
   parser.add_argument("--cases", default=",".join(CASES))
   parser.add_argument("--impls", default=",".join(IMPLS))
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--tiny", action="store_true", help="smoke test: 3 layers, 16x16, batch 2")
   args = parser.parse_args()
+  if args.tiny:
+    for k, (title, spec, _, _) in list(CASES.items()):
+      small = models.NetSpec(spec.kind, spec.in_channels, spec.out_channels, (3, 3, 3), 8,
+                             level=spec.level)
+      CASES[k] = (title + " [tiny]", small, 16, 2)
   threads = torch_threads()
   peak_jax, peak_torch = matmul_peak(args.repeats)
   print(f"threads: {threads}; jax {jax.__version__} ({jax.devices()[0].platform}); "

@@ -41,11 +41,11 @@ def torch_net(spec, variables):
   p, s = variables["params"], variables["batch_stats"]
   with torch.no_grad():
     for l, conv in enumerate(net.conv_layers):
-      k = p[f"conv_{l}"]["kernel"] if f"conv_{l}" in p else p[f"block_{l}"]["conv"]["kernel"]
+      k = p[f"conv_{l}"]["kernel"] if f"conv_{l}" in p else p[f"block_{l}"]["kernel"]
       conv.weight.copy_(torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy()))
     for l, bn in enumerate(net.BN_layers, start=1):
-      bn.gammas.copy_(torch.from_numpy(np.asarray(p[f"block_{l}"]["bn"]["gammas"]).reshape(1, -1, 1, 1)))
-      bn.running_sd.copy_(torch.from_numpy(np.asarray(s[f"block_{l}"]["bn"]["running_sd"]).reshape(1, -1, 1, 1)))
+      bn.gammas.copy_(torch.from_numpy(np.asarray(p[f"block_{l}"]["gammas"]).reshape(1, -1, 1, 1)))
+      bn.running_sd.copy_(torch.from_numpy(np.asarray(s[f"block_{l}"]["running_sd"]).reshape(1, -1, 1, 1)))
   return net
 
 

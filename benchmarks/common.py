@@ -89,3 +89,22 @@ def gflops(flops: float, seconds: float) -> float:
 
 def rng_images(shape, seed=0) -> np.ndarray:
   return np.random.RandomState(seed).rand(*shape).astype(np.float32)
+
+
+def jax_train_step(spec, conv_impl: str = "xla", remat: bool = False):
+  """(optax tx, jitted step(params, stats, opt_state, noisy, noise)): one Adam train step on
+  a given noisy batch, state donated."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import training  # pylint: disable=g-import-not-at-top
+  tx = optax.adam(1e-3)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+  def step(params, stats, opt_state, noisy, noise):
+    (loss, stats), grads = jax.value_and_grad(training.loss_fn, has_aux=True)(
+        params, stats, spec, noisy, noise, conv_impl=conv_impl, remat=remat)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state, loss
+
+  return tx, step

@@ -76,9 +76,9 @@ def test_batch_norm_train_and_eval():
   _, upd = net.apply(v, x, train=True, mutable=["batch_stats"])
   h = jax.lax.conv_general_dilated(x, v["params"]["conv_0"]["kernel"], (1, 1), "SAME",
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  h = jnp.einsum("bhwc,cd->bhwd", h, v["params"]["block_1"]["conv"]["kernel"][0, 0])  # 1x1
+  h = jnp.einsum("bhwc,cd->bhwd", h, v["params"]["block_1"]["kernel"][0, 0])  # 1x1
   sd = jnp.sqrt(jnp.var(h, axis=(0, 1, 2)) + 1e-5)
-  np.testing.assert_allclose(upd["batch_stats"]["block_1"]["bn"]["running_sd"], 0.9 + 0.1 * sd,
+  np.testing.assert_allclose(upd["batch_stats"]["block_1"]["running_sd"], 0.9 + 0.1 * sd,
                              rtol=1e-5)
 
 

@@ -103,3 +103,26 @@ def test_schedule_and_noise():
   np.testing.assert_allclose(noisy[..., 0], 0.5, atol=1e-6)  # clean conditioning low-pass
   np.testing.assert_allclose(noisy[..., 1:], noise, atol=1e-6)  # details of a flat image are 0
   assert float(jnp.abs(noise).max()) > 0
+
+
+def test_remat_same_gradients_less_memory():
+  spec = models.cond_spec(0, 9, num_layers=6, features=8)
+  v = models.init_net(jax.random.key(0), spec)
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 4))
+  n = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+  grad = lambda remat: jax.jit(jax.grad(lambda p: training.loss_fn(
+      p, v["batch_stats"], spec, x, n, remat=remat)[0]))
+  g0, g1 = grad(False)(v["params"]), grad(True)(v["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g0, g1)
+  # The recomputation survives XLA's optimisations: fewer bytes of temporaries (compiled
+  # only, at a size where activations dominate).
+  big = models.cond_spec(0, 9, num_layers=8, features=32)
+  shapes = jax.eval_shape(lambda: models.init_net(jax.random.key(0), big))
+  xs = jax.ShapeDtypeStruct((32, 32, 32, 4), jnp.float32)
+  ns = jax.ShapeDtypeStruct((32, 32, 32, 3), jnp.float32)
+  temp = []
+  for remat in (False, True):
+    fn = jax.jit(jax.grad(lambda p, s, x, n: training.loss_fn(p, s, big, x, n, remat=remat)[0]))
+    compiled = fn.lower(shapes["params"], shapes["batch_stats"], xs, ns).compile()
+    temp.append(compiled.memory_analysis().temp_size_in_bytes)
+  assert temp[1] < 0.8 * temp[0], temp  # 41% less for the paper's RF 9 net (bench_memory.py)

@@ -12,6 +12,7 @@ it adds a constant, so f(a y) = a f(y) for a > 0 (method.md §3).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, Callable, Sequence
 
@@ -178,70 +179,127 @@ def multiscale_spec(levels: int, cond_rf: int = 9, low_rf: int = 41, channels: i
       wavelet=wavelet, mode=mode, image_size=tuple(image_size))
 
 
+# --- pure building blocks ---------------------------------------------------------------------
+
+def conv2d(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
+  """Bias-free 'same' convolution: x (B, H, W, Cin), kernel (k, k, Cin, Cout) -> (B, H, W, Cout).
+
+  impl='xla' uses lax.conv; impl='matmul' lowers a k x k conv to one matrix product over the
+  k^2 shifted copies of the input (im2col). 1x1 convolutions are always a matrix product.
+  """
+  k = kernel.shape[0]
+  kernel = kernel.astype(x.dtype)
+  if k == 1:
+    return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+  if impl == "matmul":
+    p = k // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    h, w = x.shape[1], x.shape[2]
+    cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -1)
+    return jnp.einsum("bhwc,cd->bhwd", cols, kernel.reshape(-1, kernel.shape[-1]))
+  if impl != "xla":
+    raise ValueError(f"conv impl must be 'xla' or 'matmul', got {impl!r}")
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def batch_sd(h: jax.Array) -> jax.Array:
+  """Per-channel std over (B, H, W), biased, with eps: the training-mode normaliser."""
+  return jnp.sqrt(jnp.var(h.astype(jnp.float32), axis=(0, 1, 2)) + BN_EPS)
+
+
+def block_train(x, kernel, gain, impl: str = "xla"):
+  """conv -> bias-free batch norm (batch statistics) -> ReLU; returns (y, sd)."""
+  h = conv2d(x, kernel, impl)
+  sd = batch_sd(h)
+  return nn.relu(h * (gain / sd).astype(h.dtype)), jax.lax.stop_gradient(sd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def block_train_remat(x, kernel, gain, impl="xla"):
+  """``block_train`` keeping only its input for the backward pass, which recomputes the rest.
+
+  (jax.checkpoint's optimisation barriers are dropped by XLA:CPU, whose CSE then merges the
+  recomputation back into the forward pass; a conditional on a runtime predicate keeps the
+  recomputation separate on every backend.)
+  """
+  return block_train(x, kernel, gain, impl)
+
+
+def _remat_fwd(x, kernel, gain, impl):
+  return block_train(x, kernel, gain, impl), (x, kernel, gain)
+
+
+def _remat_bwd(impl, res, cotangents):
+  x, kernel, gain = res
+  gy, _ = cotangents  # sd is a statistic, not differentiated
+
+  def recompute(operands):
+    x, kernel, gain, gy = operands
+    _, vjp = jax.vjp(lambda *a: block_train(*a, impl)[0], x, kernel, gain)
+    return vjp(gy)
+
+  def non_finite(operands):  # a non-finite cotangent: NaN gradients, as without remat
+    return tuple(jnp.full_like(a, jnp.nan) for a in operands[:3])
+
+  ok = jnp.isfinite(jnp.sum(gy))
+  return jax.lax.cond(ok, recompute, non_finite, (x, kernel, gain, gy))
+
+
+block_train_remat.defvjp(_remat_fwd, _remat_bwd)
+
+
 # --- Flax modules ----------------------------------------------------------------------------
 
-class Conv(nn.Module):
-  """Bias-free 'same' convolution, NHWC, kernel (k, k, in, out).
+def _kaiming_normal(key, shape, dtype=jnp.float32):
+  return nn.initializers.variance_scaling(2.0, "fan_in", "normal")(key, shape, dtype)
 
-  impl='xla' uses lax.conv; impl='matmul' lowers a 3x3 conv to one matrix product over the
-  nine shifted copies of the input (im2col), which XLA:CPU runs faster for these sizes.
-  """
+
+class Conv(nn.Module):
+  """Bias-free 'same' convolution, NHWC, param 'kernel' (k, k, in, out), Kaiming normal."""
   features: int
   kernel_size: int
   impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, Cin) -> (B, H, W, Cout)
-    k, cin = self.kernel_size, x.shape[-1]
-    fan_in = k * k * cin
-    init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # Kaiming normal
-    kernel = self.param("kernel", init, (k, k, cin, self.features), jnp.float32)
-    kernel = kernel.astype(x.dtype)
-    if k == 1:
-      return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
-    if self.impl == "matmul":
-      p = k // 2
-      xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-      h, w = x.shape[1], x.shape[2]
-      cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -1)
-      return jnp.einsum("bhwc,cd->bhwd", cols, kernel.reshape(fan_in, self.features))
-    if self.impl != "xla":
-      raise ValueError(f"conv impl must be 'xla' or 'matmul', got {self.impl!r}")
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    kernel = self.param("kernel", _kaiming_normal,
+                        (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+    return conv2d(x, kernel, self.impl)
 
 
 def _gain_init(key, shape, dtype=jnp.float32):
   return jnp.clip(jax.random.normal(key, shape, dtype) * (2.0 / 9.0 / 64.0), -0.025, 0.025)
 
 
-class BiasFreeBatchNorm(nn.Module):
-  """x / sd * gain with sd the per-channel std over (B, H, W) (train) or its running value."""
+class Block(nn.Module):
+  """conv -> bias-free batch norm -> ReLU (method.md §3).
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    c = x.shape[-1]
-    gain = self.param("gammas", _gain_init, (c,))
-    running_sd = self.variable("batch_stats", "running_sd", jnp.ones, (c,), jnp.float32)
-    if train:
-      xf = x.astype(jnp.float32)
-      sd = jnp.sqrt(jnp.var(xf, axis=(0, 1, 2)) + BN_EPS)  # biased variance
-      if not self.is_initializing():
-        running_sd.value = (1 - BN_MOMENTUM) * running_sd.value + BN_MOMENTUM * sd
-    else:
-      sd = running_sd.value
-    return x * (gain / sd).astype(x.dtype)
-
-
-class _Block(nn.Module):
+  Params 'kernel' (k, k, in, out) and 'gammas' (out,); batch_stats 'running_sd' (out,). The
+  norm divides each channel by its std over (B, H, W) while training (and updates the
+  running std with momentum 0.1) or by the running std at evaluation, then multiplies by
+  the learned gain; it subtracts nothing, so the block stays positively homogeneous.
+  """
   features: int
   kernel_size: int
   conv_impl: str = "xla"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = Conv(self.features, self.kernel_size, self.conv_impl, name="conv")(x)
-    return nn.relu(BiasFreeBatchNorm(name="bn")(x, train))
+    kernel = self.param("kernel", _kaiming_normal,
+                        (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+    gain = self.param("gammas", _gain_init, (self.features,))
+    running_sd = self.variable("batch_stats", "running_sd", jnp.ones, (self.features,),
+                               jnp.float32)
+    if not train:
+      h = conv2d(x, kernel, self.conv_impl)
+      return nn.relu(h * (gain / running_sd.value).astype(h.dtype))
+    fn = block_train_remat if self.remat else block_train
+    y, sd = fn(x, kernel, gain, self.conv_impl)
+    if not self.is_initializing():
+      running_sd.value = (1 - BN_MOMENTUM) * running_sd.value + BN_MOMENTUM * sd
+    return y
 
 
 class BFCNN(nn.Module):
@@ -261,9 +319,9 @@ class BFCNN(nn.Module):
     x = Conv(s.features, s.kernel_sizes[0], self.conv_impl, name="conv_0")(x)
     if s.first_relu:
       x = nn.relu(x)
-    block = nn.remat(_Block, static_argnums=(2,)) if self.remat else _Block
     for l in range(1, s.num_layers - 1):
-      x = block(s.features, s.kernel_sizes[l], self.conv_impl, name=f"block_{l}")(x, train)
+      x = Block(s.features, s.kernel_sizes[l], self.conv_impl, self.remat, name=f"block_{l}")(
+          x, train)
     x = Conv(s.out_channels, s.kernel_sizes[-1], self.conv_impl, name=f"conv_{s.num_layers - 1}")(x)
     return x.astype(out_dtype)
 

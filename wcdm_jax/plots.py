@@ -29,7 +29,7 @@ def psnr_curves(results: Mapping[str, dict], path: str) -> str:
       if r["kind"] != kind:
         continue
       pin, pout = np.asarray(r["psnr_in"]), np.asarray(r["psnr_out"])
-      ok = np.isfinite(pin)
+      ok = np.asarray(r["sigma"]) > 0  # no noise: the input PSNR is infinite
       ax.plot(pin[ok], pout[ok], "o-", ms=3, label=name)
       finite += list(pin[ok])
     if finite:

@@ -114,9 +114,8 @@ def net_from_state_dict(state: dict[str, np.ndarray], kind: str, level: int = -1
             f"conv_{n - 1}": {"kernel": to_hwio(convs[n - 1])}}
   stats = {}
   for l in range(1, n - 1):
-    params[f"block_{l}"] = {"conv": {"kernel": to_hwio(convs[l])},
-                            "bn": {"gammas": bns[l - 1]["gammas"]}}
-    stats[f"block_{l}"] = {"bn": {"running_sd": bns[l - 1]["running_sd"]}}
+    params[f"block_{l}"] = {"kernel": to_hwio(convs[l]), "gammas": bns[l - 1]["gammas"]}
+    stats[f"block_{l}"] = {"running_sd": bns[l - 1]["running_sd"]}
   return spec, {"params": params, "batch_stats": stats}
 
 
