@@ -9,8 +9,8 @@ adds (train step: 3 x forward). Also measures the matrix-product peak of XLA and
 """
 import argparse
 
-from common import (gflops, jax_train_step, median_time, rng_images, table, torch_bfcnn,
-                    torch_threads)
+from common import (calibrated_variables, gflops, jax_train_step, median_time, rng_images,
+                    table, torch_net, torch_threads)
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -23,7 +23,7 @@ CASES = {
     "cond9": ("conditional RF 9, 80x80, batch 16", models.cond_spec(0, 9), 80, 16),
     "low41": ("low-pass RF 41, 40x40, batch 64", models.low_spec(2, 41), 40, 64),
 }
-IMPLS = ("xla", "matmul")
+IMPLS = ("xla", "xla_autodiff")
 
 
 def bench_jax(spec, size, batch, impl, repeats):
@@ -38,16 +38,17 @@ def bench_jax(spec, size, batch, impl, repeats):
     loss.block_until_ready()
 
   fwd = jax.jit(lambda v, x: models.apply_net(spec, v, x, conv_impl=impl))
-  v_eval = models.init_net(jax.random.key(0), spec)  # the train step donated ``v``'s buffers
+  v_eval = calibrated_variables(spec, noisy)  # same weights as the torch net's
   forward = lambda: fwd(v_eval, noisy).block_until_ready()
   return median_time(train, repeats=repeats), median_time(forward, repeats=repeats)
 
 
 def bench_torch(spec, size, batch, repeats):
   import torch  # pylint: disable=g-import-not-at-top
-  net = torch_bfcnn(spec)
+  x = jnp.asarray(rng_images((batch, size, size, spec.in_channels)))
+  net = torch_net(spec, calibrated_variables(spec, x))
   opt = torch.optim.Adam(net.parameters(), 1e-3)
-  noisy = torch.from_numpy(rng_images((batch, spec.in_channels, size, size)))
+  noisy = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
   noise = torch.from_numpy(rng_images((batch, spec.out_channels, size, size), 1))
 
   def train():
@@ -63,6 +64,17 @@ def bench_torch(spec, size, batch, repeats):
       net(noisy)
 
   return median_time(train, repeats=repeats), median_time(forward, repeats=repeats)
+
+
+def same_weights_check(spec, size, batch):
+  """Both sides run the same network: max output difference on the benchmark batch."""
+  import torch  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(rng_images((batch, size, size, spec.in_channels)))
+  v = calibrated_variables(spec, x)
+  with torch.inference_mode():
+    theirs = torch_net(spec, v)(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()))
+  ours = np.asarray(models.apply_net(spec, v, x)).transpose(0, 3, 1, 2)
+  return float(np.abs(ours - theirs.numpy()).max() / np.abs(ours).max())
 
 
 def matmul_peak(repeats):
@@ -99,6 +111,7 @@ def main():
     title, spec, size, batch = CASES[key]
     flops = spec.flops_per_pixel() * size * size * batch
     t_train, t_fwd = bench_torch(spec, size, batch, args.repeats)
+    print(f"{title}: max |JAX - PyTorch| / max |JAX| forward {same_weights_check(spec, size, batch):.1e}")
     best = {}
     for impl in args.impls.split(","):
       j_train, j_fwd = bench_jax(spec, size, batch, impl, args.repeats)

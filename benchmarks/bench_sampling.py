@@ -15,7 +15,7 @@ import dataclasses
 import os
 import time
 
-from common import table, torch_bfcnn, torch_threads
+from common import table, torch_net, torch_threads
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -33,20 +33,6 @@ def load_model():
     return pretrained.load_release_model(found["ms_celebA_160x160_gray_rf13"]), "released RF 13"
   spec = models.multiscale_spec(2, cond_rf=13, image_size=(160, 160))
   return models.init_model(jax.random.key(0), spec), "random RF 13"
-
-
-def torch_net(spec, variables):
-  import torch  # pylint: disable=g-import-not-at-top
-  net = torch_bfcnn(spec).eval()
-  p, s = variables["params"], variables["batch_stats"]
-  with torch.no_grad():
-    for l, conv in enumerate(net.conv_layers):
-      k = p[f"conv_{l}"]["kernel"] if f"conv_{l}" in p else p[f"block_{l}"]["kernel"]
-      conv.weight.copy_(torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy()))
-    for l, bn in enumerate(net.BN_layers, start=1):
-      bn.gammas.copy_(torch.from_numpy(np.asarray(p[f"block_{l}"]["gammas"]).reshape(1, -1, 1, 1)))
-      bn.running_sd.copy_(torch.from_numpy(np.asarray(s[f"block_{l}"]["running_sd"]).reshape(1, -1, 1, 1)))
-  return net
 
 
 def torch_ascent(net, shape, steps, h0, beta, ascending, cond=None, seed=0):

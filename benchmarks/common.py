@@ -108,3 +108,34 @@ def jax_train_step(spec, conv_impl: str = "xla", remat: bool = False):
     return optax.apply_updates(params, updates), stats, opt_state, loss
 
   return tx, step
+
+
+def torch_net(spec, variables):
+  """The torch BF-CNN holding the same weights and running stds as JAX ``variables``."""
+  import torch  # pylint: disable=g-import-not-at-top
+  net = torch_bfcnn(spec).eval()
+  p, s = variables["params"], variables["batch_stats"]
+  with torch.no_grad():
+    for l, conv in enumerate(net.conv_layers):
+      k = p[f"conv_{l}"]["kernel"] if f"conv_{l}" in p else p[f"block_{l}"]["kernel"]
+      conv.weight.copy_(torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy()))
+    for l, bn in enumerate(net.BN_layers, start=1):
+      bn.gammas.copy_(torch.from_numpy(np.array(p[f"block_{l}"]["gammas"]).reshape(1, -1, 1, 1)))
+      bn.running_sd.copy_(torch.from_numpy(np.array(s[f"block_{l}"]["running_sd"]).reshape(1, -1, 1, 1)))
+  return net
+
+
+def calibrated_variables(spec, x):
+  """Random variables for ``spec`` whose running stds equal the batch stds on ``x``.
+
+  Evaluation-mode benchmarks need realistic running stds: with the initial ones (1) and the
+  tiny initial gains, activations shrink layer after layer into denormal floats, which
+  slow some CPU kernels down by orders of magnitude and would make the comparison meaningless.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import models  # pylint: disable=g-import-not-at-top
+  v = models.init_net(jax.random.key(0), spec)
+  _, upd = models.BFCNN(spec).apply(v, x, train=True, mutable=["batch_stats"])
+  sd = jax.tree.map(lambda r: (r - (1 - models.BN_MOMENTUM)) / models.BN_MOMENTUM,
+                    upd["batch_stats"])
+  return {"params": v["params"], "batch_stats": sd}

@@ -48,3 +48,14 @@ def test_bad_flags_fail_clearly(tmp_path, args, message):
   res = _train(f"--workdir={tmp_path}", *TINY, *args, timeout=120)
   assert res.returncode != 0
   assert message in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "launch", "configs"))))
+def test_every_flagfile_names_its_command_and_parses(name, tmp_path):
+  path = os.path.join(REPO, "launch", "configs", name)
+  first = open(path).readline()
+  assert first.startswith("# python launch/") and f"--flagfile=launch/configs/{name}" in first
+  if first.startswith("# python launch/train.py"):
+    res = _train(f"--flagfile={path}", f"--workdir={tmp_path}", "--dry_run", timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cond0: RF" in res.stdout or "low: RF" in res.stdout

@@ -96,3 +96,17 @@ def test_wrong_channels_message():
   v = models.init_net(jax.random.key(0), spec)
   with pytest.raises(ValueError, match="expects 4 input channels"):
     models.apply_net(spec, v, jnp.zeros((1, 8, 8, 1)))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_conv_impls_agree_in_value_and_gradients(batch):
+  """'xla' (custom kernel gradient on CPU), 'xla_autodiff' and 'matmul' are the same function."""
+  x = jax.random.normal(jax.random.key(0), (batch, 12, 10, 5))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 5, 7))
+  loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(models.conv2d(x, k, impl)))
+  ref = jax.jit(jax.value_and_grad(loss("xla_autodiff"), argnums=(0, 1)))(x, k)
+  for impl in ("xla", "matmul"):
+    out = jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1)))(x, k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), out, ref)
+  with pytest.raises(ValueError, match="conv impl must be one of"):
+    models.conv2d(x, k, "cuda")

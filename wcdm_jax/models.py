@@ -181,14 +181,66 @@ def multiscale_spec(levels: int, cond_rf: int = 9, low_rf: int = 41, channels: i
 
 # --- pure building blocks ---------------------------------------------------------------------
 
+def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
+  """d conv / d kernel: sum over images of im2col(x)^T @ g, a few images at a time.
+
+  XLA:CPU lowers the autodiff kernel gradient to a convolution with an image-sized window,
+  which runs several times slower than the forward pass; here it is a loop of matrix
+  products whose im2col buffers stay small.
+  """
+  b, h, w, cin = x.shape
+  p = k // 2
+  chunk = 2 if b % 2 == 0 else 1
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  xs = xp.reshape(b // chunk, chunk, *xp.shape[1:])
+  gs = g.reshape(b // chunk, chunk, h, w, g.shape[-1])
+
+  def body(acc, xg):
+    xc, gc = xg
+    cols = jnp.concatenate([xc[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -1)
+    return acc + jnp.einsum("nc,nd->cd", cols.reshape(-1, k * k * cin),
+                            gc.reshape(-1, gc.shape[-1]), preferred_element_type=jnp.float32), None
+
+  acc, _ = jax.lax.scan(body, jnp.zeros((k * k * cin, g.shape[-1]), jnp.float32), (xs, gs))
+  return acc.reshape(k, k, cin, g.shape[-1])
+
+
+@jax.custom_vjp
+def _conv_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return _lax_conv(x, kernel)
+
+
+def _conv_cpu_fwd(x, kernel):
+  return _lax_conv(x, kernel), (x, kernel)
+
+
+def _conv_cpu_bwd(res, g):
+  x, kernel = res
+  dx = _lax_conv(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+  return dx, _kernel_grad(x, g, kernel.shape[0]).astype(kernel.dtype)
+
+
+_conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
+CONV_IMPLS = ("xla", "xla_autodiff", "matmul")
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
   """Bias-free 'same' convolution: x (B, H, W, Cin), kernel (k, k, Cin, Cout) -> (B, H, W, Cout).
 
-  impl='xla' uses lax.conv; impl='matmul' lowers a k x k conv to one matrix product over the
-  k^2 shifted copies of the input (im2col). 1x1 convolutions are always a matrix product.
+  impl='xla': lax.conv; on CPU its kernel gradient is computed by ``_kernel_grad`` (the
+  gradients are the same, faster). 'xla_autodiff': lax.conv with XLA's own gradients
+  everywhere. 'matmul': one matrix product over the k^2 shifted copies of the input
+  (im2col). 1x1 convolutions are always a matrix product.
   """
   k = kernel.shape[0]
   kernel = kernel.astype(x.dtype)
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
   if k == 1:
     return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
   if impl == "matmul":
@@ -197,10 +249,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
     h, w = x.shape[1], x.shape[2]
     cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -1)
     return jnp.einsum("bhwc,cd->bhwd", cols, kernel.reshape(-1, kernel.shape[-1]))
-  if impl != "xla":
-    raise ValueError(f"conv impl must be 'xla' or 'matmul', got {impl!r}")
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if impl == "xla" and jax.default_backend() == "cpu":
+    return _conv_cpu(x, kernel)
+  return _lax_conv(x, kernel)
 
 
 def batch_sd(h: jax.Array) -> jax.Array:
