@@ -75,6 +75,12 @@ def main(argv):
            for j in range(spec.levels)]
   out = FLAGS.out or os.path.join(FLAGS.model, "samples")
   os.makedirs(out, exist_ok=True)
+
+  def save_grid(name, rows):  # rows of (h, w, C) images -> OUT/name
+    rows = [[np.asarray(img) for img in row] for row in rows]
+    common.log("wrote " + reporting.save_png(os.path.join(out, name),
+                                             reporting.image_grid(rows, upscale=2)))
+
   size = (FLAGS.image_size,) * 2 if FLAGS.image_size else spec.image_size
   arrays = {}
   stages = (1 if FLAGS.num_samples else 0) + (2 if FLAGS.images else 0)
@@ -103,12 +109,8 @@ def main(argv):
                  f"{60 * FLAGS.num_samples / dt:.1f} images/min")
     arrays.update(samples=np.asarray(images), **{f"scale_{k}": np.asarray(s)
                                                  for k, s in enumerate(scales)})
-    common.log("wrote " + reporting.save_png(os.path.join(out, "samples.png"),
-                                             reporting.image_grid([list(np.asarray(images))],
-                                                                  upscale=2)))
-    strip = [[np.asarray(s[i]) for s in scales] for i in range(min(4, FLAGS.num_samples))]
-    common.log("wrote " + reporting.save_png(os.path.join(out, "progression.png"),
-                                             reporting.image_grid(strip, upscale=2)))
+    save_grid("samples.png", [images])
+    save_grid("progression.png", [[s[i] for s in scales] for i in range(min(4, FLAGS.num_samples))])
     done += 1
     bar.update(done)
   if FLAGS.images:
@@ -116,28 +118,26 @@ def main(argv):
                                            flips=False), FLAGS.num_images, FLAGS.seed, "eval")
     clean = jnp.asarray(src.batch(0))
     arrays["clean"] = np.asarray(clean)
-    rows = [list(np.asarray(clean))]
+    rows = [clean]
     if spec.levels:
       low = wcdm_jax.decompose(clean, spec.levels, spec.wavelet, spec.mode).low
       sr = sampling.super_resolve(jax.random.key(FLAGS.seed + 1), params, low, cond_config=conds)
       arrays.update(low_res=np.asarray(low), super_resolved=np.asarray(sr))
-      rows += [list(np.asarray(low)), list(np.asarray(sr))]
+      rows += [low, sr]
       common.log(f"super-resolution x{2 ** spec.levels}: PSNR "
                  f"{float(evaluation.psnr(sr, clean).mean()):.2f} dB (a sample, not an estimate)")
-      common.log("wrote " + reporting.save_png(os.path.join(out, "superres.png"),
-                                               reporting.image_grid(rows, upscale=2)))
+      save_grid("superres.png", rows)
     done += 1
     bar.update(done)
-    rows = [list(np.asarray(clean))]
+    rows = [clean]
     for i, s in enumerate(sigmas):
       noisy = clean + s * jax.random.normal(jax.random.key(100 + i), clean.shape)
       den = wcdm_jax.denoise(params, noisy)
       arrays[f"noisy_{s}"], arrays[f"denoised_{s}"] = np.asarray(noisy), np.asarray(den)
-      rows += [list(np.asarray(noisy)), list(np.asarray(den))]
+      rows += [noisy, den]
       common.log(f"denoising sigma={s}: {float(evaluation.psnr(noisy, clean).mean()):.2f} dB -> "
                  f"{float(evaluation.psnr(den, clean).mean()):.2f} dB")
-    common.log("wrote " + reporting.save_png(os.path.join(out, "denoising.png"),
-                                             reporting.image_grid(rows, upscale=2)))
+    save_grid("denoising.png", rows)
     done += 1
     bar.update(done)
   bar.close()

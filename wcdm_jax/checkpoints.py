@@ -3,7 +3,9 @@
 Layout of a model directory (a training workdir or an imported release model)::
 
     DIR/spec.json              the ModelSpec (architecture, wavelet, image size)
-    DIR/<net>/<step>/state     {'params', 'batch_stats'[, 'opt_state', 'rng', 'step']}
+    DIR/<net>/<step>/model     {'params', 'batch_stats'}: what sampling and denoising need
+    DIR/<net>/<step>/state     the full train state (params, batch stats, optimizer, step),
+                               absent for imported weights
     DIR/<net>/<step>/meta      JSON: data position, noise scale, configs
 
 with <net> in 'flat' | 'low' | 'cond0' ... Each net has its own manager, so one job per
@@ -59,24 +61,38 @@ def manager(directory: str, net: str, max_to_keep: int = 3,
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(directory), net), options=options,
-                               item_names=("state", "meta"))
+                               item_names=("state", "model", "meta"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)))
+def save(mngr: ocp.CheckpointManager, step: int, state: dict | None, meta: dict,
+         model: dict | None = None) -> None:
+  """Save a train ``state`` (a dict with 'params' and 'batch_stats') and/or a ``model``.
+
+  The 'model' item (params and batch stats alone) is what ``load_params`` reads, on any
+  number of devices; it defaults to the state's.
+  """
+  if model is None:
+    model = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  items = {"model": ocp.args.StandardSave(model), "meta": ocp.args.JsonSave(meta)}
+  if state is not None:
+    items["state"] = ocp.args.StandardSave(state)
+  mngr.save(step, args=ocp.args.Composite(**items))
 
 
-def restore(mngr: ocp.CheckpointManager, target: Any = None, step: int | None = None
-            ) -> tuple[Any, dict]:
-  """(state, meta) at ``step`` (latest by default); ``target`` gives structure and shardings."""
+def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None,
+            item: str = "state") -> tuple[Any, dict]:
+  """(item, meta) at ``step`` (latest by default).
+
+  ``target``: a pytree of arrays (or ShapeDtypeStructs with shardings) with the item's
+  structure; the checkpoint is resharded onto it, whatever the device count it was saved on.
+  """
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
-  abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                   meta=ocp.args.JsonRestore()))
-  return out.state, out.meta
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  out = mngr.restore(step, args=ocp.args.Composite(
+      **{item: ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}))
+  return out[item], out.meta
 
 
 def save_model(directory: str, params: models.ModelParams, step: int = 0,
@@ -86,17 +102,10 @@ def save_model(directory: str, params: models.ModelParams, step: int = 0,
   for name in params.spec.nets:
     _, variables = params.net(name)
     mngr = manager(directory, name, async_save=False)
-    save(mngr, step, {"params": variables["params"], "batch_stats": variables["batch_stats"]},
-         dict(meta or {}, net=name))
+    save(mngr, step, None, dict(meta or {}, net=name),
+         model={"params": variables["params"], "batch_stats": variables["batch_stats"]})
     mngr.wait_until_finished()
     mngr.close()
-
-
-def _check_shapes(name: str, net: models.NetSpec, state: dict) -> None:
-  expected = jax.eval_shape(lambda: models.init_net(jax.random.key(0), net))
-  got = {k: state[k] for k in ("params", "batch_stats")}
-  if jax.tree.map(np.shape, got) != jax.tree.map(lambda a: a.shape, expected):
-    raise ValueError(f"checkpoint of net {name!r} does not match spec.json's architecture {net}")
 
 
 def load_params(path: str, step: int | None = None) -> models.ModelParams:
@@ -112,11 +121,17 @@ def load_params(path: str, step: int | None = None) -> models.ModelParams:
     if mngr.latest_step() is None:
       raise FileNotFoundError(f"{path} has no checkpoint for net {name!r} yet: train it "
                               f"(launch/train.py --nets={name}) before loading the model")
-    state, _ = restore(mngr, None, step)  # as saved; only params and batch_stats are used
-    mngr.close()
-    _check_shapes(name, net, state)
-    variables[name] = jax.tree.map(np.asarray, {"params": state["params"],
-                                               "batch_stats": state["batch_stats"]})
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          jax.eval_shape(lambda net=net: models.init_net(jax.random.key(0), net)))
+    try:
+      model, _ = restore(mngr, target, step, item="model")
+    except ValueError as e:
+      raise ValueError(f"checkpoint of net {name!r} in {path} does not match spec.json's "
+                       f"architecture {net}: {e}") from e
+    finally:
+      mngr.close()
+    variables[name] = jax.tree.map(np.asarray, model)
   return models.ModelParams(low=variables[spec.low.name],
                             conditionals=tuple(variables[c.name] for c in spec.conditionals),
                             spec=spec)

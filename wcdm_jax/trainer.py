@@ -74,7 +74,7 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
     meta = {"net": name, "noise_scale": scales.get(name, 1.0),
             "train_config": dataclasses.asdict(cfg), "data_config": dataclasses.asdict(data_cfg)}
     if mngr.latest_step() is not None:
-      state_dict, meta = checkpoints.restore(mngr, state.as_dict())
+      state_dict, meta = checkpoints.restore(mngr, training.replicate(state.as_dict(), mesh))
       state = training.TrainState(**state_dict)
       log(f"{name}: resumed at step {int(state.step)} from {mngr.directory}")
     state = training.replicate(state, mesh)
