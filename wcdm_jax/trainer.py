@@ -134,13 +134,13 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
     n["mngr"].close()
   if run.figure and all(name in nets for name in spec.nets):
     path = save_denoising_figure(spec, {k: nets[k]["state"].variables() for k in nets},
-                                 eval_images, os.path.join(run.workdir, "denoising.png"))
+                                 eval_images, os.path.join(run.workdir, "denoising.png"), log=log)
     log(f"wrote {path}")
   return final
 
 
 def save_denoising_figure(spec: models.ModelSpec, variables: dict[str, models.Variables],
-                          images: jax.Array, path: str, sigmas=(0.1, 0.2)) -> str:
+                          images: jax.Array, path: str, sigmas=(0.1, 0.2), log=logging.info) -> str:
   """PNG rows: clean, then (noisy, denoised) per noise level, with PSNRs in the log."""
   params = models.ModelParams(low=variables[spec.low.name],
                               conditionals=tuple(variables[c.name] for c in spec.conditionals),
@@ -150,7 +150,7 @@ def save_denoising_figure(spec: models.ModelSpec, variables: dict[str, models.Va
   for i, s in enumerate(sigmas):
     y = x + s * jax.random.normal(jax.random.key(i), x.shape)
     d = denoising.denoise(params, y)
-    logging.info("sigma %.2f: noisy %.2f dB -> denoised %.2f dB", s,
-                 float(evaluation.psnr(y, x).mean()), float(evaluation.psnr(d, x).mean()))
+    log(f"figure, sigma {s:.2f}: noisy {float(evaluation.psnr(y, x).mean()):.2f} dB -> denoised "
+        f"{float(evaluation.psnr(d, x).mean()):.2f} dB")
     rows += [list(np.asarray(y)), list(np.asarray(d))]
   return reporting.save_png(path, reporting.image_grid(rows, upscale=2))
