@@ -140,7 +140,8 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
 
 
 def save_denoising_figure(spec: models.ModelSpec, variables: dict[str, models.Variables],
-                          images: jax.Array, path: str, sigmas=(0.1, 0.2), log=logging.info) -> str:
+                          images: jax.Array, path: str, sigmas=(0.1, 0.2),
+                          log=logging.info) -> str:
   """PNG rows: clean, then (noisy, denoised) per noise level, with PSNRs in the log."""
   params = models.ModelParams(low=variables[spec.low.name],
                               conditionals=tuple(variables[c.name] for c in spec.conditionals),
