@@ -2,8 +2,6 @@
 import json
 import os
 
-import pytest
-
 from conftest import REPO, shared_path
 
 

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import shared_path
-from wcdm_jax import models, sampling
+from wcdm_jax import sampling
 
 # --- A Gaussian prior with a known stationary covariance ---------------------------------------
 # x ~ N(0, S) on 16x16 periodic images, S diagonal in the unitary DFT basis with power
@@ -67,7 +66,7 @@ def test_gaussian_prior_samples_have_its_covariance():
 
 def test_gaussian_check_has_power(monkeypatch):
   """The check above fails when the algorithm is broken in the usual ways."""
-  orig_gamma, orig_h, orig_z = sampling.noise_amplitude, sampling.step_size, sampling._per_sample_normal
+  orig_gamma, orig_z = sampling.noise_amplitude, sampling._per_sample_normal
   broken = {
       "no noise term": ("_per_sample_normal",
                         lambda k, t, s: orig_z(k, t, s) * jnp.where(t == 0, 1.0, 0.0)),

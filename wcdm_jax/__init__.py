@@ -14,4 +14,7 @@ from wcdm_jax.models import ModelParams, ModelSpec, NetSpec
 from wcdm_jax.sampling import AscentConfig, sample, super_resolve
 from wcdm_jax.wavelets import Pyramid, decompose, reconstruct
 
+__all__ = ["AscentConfig", "ModelParams", "ModelSpec", "NetSpec", "Pyramid", "decompose",
+           "denoise", "load_params", "reconstruct", "sample", "save_model", "super_resolve",
+           "wavelets"]
 __version__ = "0.1.0"
