@@ -128,7 +128,7 @@ class EmbeddedSource(Source):
     for name in self.NAMES:
       img = getattr(pywt.data, name)().astype(np.float32) / 255.0  # (512, 512)
       cut = img.shape[0] * 3 // 4
-      img = img[:cut] if self.split == "train" else img[cut:]
+      img = {"train": img[:cut], "eval": img[cut:], "all": img}[self.split]
       half = img[: img.shape[0] // 2 * 2].reshape(img.shape[0] // 2, 2, -1, 2).mean((1, 3))
       for im in (img, half):
         if min(im.shape) >= cfg.image_size:
