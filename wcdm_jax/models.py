@@ -186,6 +186,13 @@ def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _im2col(x: jax.Array, k: int) -> jax.Array:
+  """(B, H, W, C) -> (B, H, W, k*k*C): the k x k 'same'-padded neighbourhood of each pixel."""
+  h, w, p = x.shape[1], x.shape[2], k // 2
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -1)
+
+
 def _kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
   """d conv / d kernel: sum over images of im2col(x)^T @ g, a few images at a time.
 
@@ -194,15 +201,13 @@ def _kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
   products whose im2col buffers stay small.
   """
   b, h, w, cin = x.shape
-  p = k // 2
   chunk = 2 if b % 2 == 0 else 1
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  xs = xp.reshape(b // chunk, chunk, *xp.shape[1:])
+  xs = x.reshape(b // chunk, chunk, h, w, cin)
   gs = g.reshape(b // chunk, chunk, h, w, g.shape[-1])
 
   def body(acc, xg):
     xc, gc = xg
-    cols = jnp.concatenate([xc[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -1)
+    cols = _im2col(xc, k)
     return acc + jnp.einsum("nc,nd->cd", cols.reshape(-1, k * k * cin),
                             gc.reshape(-1, gc.shape[-1]), preferred_element_type=jnp.float32), None
 
@@ -244,11 +249,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
   if k == 1:
     return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
   if impl == "matmul":
-    p = k // 2
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    h, w = x.shape[1], x.shape[2]
-    cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -1)
-    return jnp.einsum("bhwc,cd->bhwd", cols, kernel.reshape(-1, kernel.shape[-1]))
+    return jnp.einsum("bhwc,cd->bhwd", _im2col(x, k), kernel.reshape(-1, kernel.shape[-1]))
   if impl == "xla" and jax.default_backend() == "cpu":
     return _conv_cpu(x, kernel)
   return _lax_conv(x, kernel)
