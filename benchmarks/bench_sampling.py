@@ -13,6 +13,7 @@ given steps). Per-image time of the full release run is extrapolated from the pe
 import argparse
 import dataclasses
 import os
+import statistics
 import time
 
 from common import table, torch_net, torch_threads
@@ -71,6 +72,7 @@ def main():
   parser.add_argument("--cond_steps", type=int, default=80)
   parser.add_argument("--torch_images", type=int, default=1)
   parser.add_argument("--release_low_steps", type=int, default=8521)
+  parser.add_argument("--repeats", type=int, default=3, help="alternating timing rounds")
   args = parser.parse_args()
   threads = torch_threads()
   params, which = load_model()
@@ -84,40 +86,45 @@ def main():
     return sampling.sample(jax.random.key(0), params, n, low_config=lc, cond_config=cc,
                            low_rescale=(0.0, 0.8)).block_until_ready()
 
-  # JAX: compile once, then time; low-pass and conditional costs separately for extrapolation.
+  nets = {n: torch_net(*params.net(n)) for n in params.spec.nets}
+
+  def run_torch(low_steps, cond_steps, n):
+    for i in range(n):
+      torch_synthesis(nets, low_steps, cond_steps, i)
+
+  # Compile / warm up, then time both sides in alternation (the machine's speed drifts), each
+  # run once in full and once with a single low-pass step: the difference is the low-pass
+  # cost, used to extrapolate to the release's step count. Medians over --repeats rounds.
   run_jax(args.low_steps, args.cond_steps, args.batch)
   run_jax(1, args.cond_steps, args.batch)
-  t = time.perf_counter(); run_jax(args.low_steps, args.cond_steps, args.batch)
-  j_total = (time.perf_counter() - t) / args.batch
-  t = time.perf_counter(); run_jax(1, args.cond_steps, args.batch)
-  j_cond = (time.perf_counter() - t) / args.batch
+  run_torch(2, 2, 1)
+  times = {k: [] for k in ("jax", "jax_cond", "torch", "torch_cond")}
+  for _ in range(args.repeats):
+    for name, fn, n in (("jax", run_jax, args.batch), ("torch", run_torch, args.torch_images)):
+      t = time.perf_counter(); fn(args.low_steps, args.cond_steps, n)
+      times[name].append((time.perf_counter() - t) / n)
+      t = time.perf_counter(); fn(1, args.cond_steps, n)
+      times[name + "_cond"].append((time.perf_counter() - t) / n)
+  j_total, j_cond, t_total, t_cond = (statistics.median(times[k]) for k in
+                                      ("jax", "jax_cond", "torch", "torch_cond"))
   j_low_step = (j_total - j_cond) / max(args.low_steps - 1, 1)
-
-  nets = {n: torch_net(*params.net(n)) for n in params.spec.nets}
-  torch_synthesis(nets, 2, 2, 0)  # warm-up
-  t = time.perf_counter()
-  for i in range(args.torch_images):
-    torch_synthesis(nets, args.low_steps, args.cond_steps, i)
-  t_total = (time.perf_counter() - t) / args.torch_images
-  t = time.perf_counter()
-  for i in range(args.torch_images):
-    torch_synthesis(nets, 1, args.cond_steps, i)
-  t_cond = (time.perf_counter() - t) / args.torch_images
   t_low_step = (t_total - t_cond) / max(args.low_steps - 1, 1)
 
   full = lambda cond, step: cond + step * (args.release_low_steps - 1)
+  j_full, t_full = full(j_cond, j_low_step), full(t_cond, t_low_step)
   rows = [
       [f"JAX, batch {args.batch}", f"{j_total:.2f}", f"{1e3 * j_low_step:.2f}", f"{j_cond:.2f}",
-       f"{full(j_cond, j_low_step):.1f}", f"{j_total / t_total:.2f}x"],
-      ["PyTorch, one image at a time", f"{t_total:.2f}", f"{1e3 * t_low_step:.2f}", f"{t_cond:.2f}",
-       f"{full(t_cond, t_low_step):.1f}", "1.00x"],
+       f"{j_full:.1f}", f"{j_total / t_total:.2f}x", f"{j_full / t_full:.2f}x"],
+      ["PyTorch, one image at a time", f"{t_total:.2f}", f"{1e3 * t_low_step:.2f}",
+       f"{t_cond:.2f}", f"{t_full:.1f}", "1.00x", "1.00x"],
   ]
   print(f"threads: {threads}; nets: {which}; steps per image: low-pass {args.low_steps}, "
-        f"conditional {args.cond_steps} + {args.cond_steps}\n")
+        f"conditional {args.cond_steps} + {args.cond_steps}; medians of {args.repeats} "
+        "alternating rounds\n")
   print(table("Multi-scale synthesis, 160x160, per image",
               ["", "measured run (s)", "low-pass step (ms)", "both conditional scales (s)",
                f"release run, {args.release_low_steps} low-pass steps (s, extrapolated)",
-               "time vs PyTorch"], rows))
+               "time vs PyTorch (measured)", "time vs PyTorch (release run)"], rows))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def rng_images(shape, seed=0) -> np.ndarray:
   return np.random.RandomState(seed).rand(*shape).astype(np.float32)
 
 
-def jax_train_step(spec, conv_impl: str = "xla", remat: bool = False):
+def jax_train_step(spec, conv_impl: str = "auto", remat: bool = False):
   """(optax tx, jitted step(params, stats, opt_state, noisy, noise)): one Adam train step on
   a given noisy batch, state donated."""
   import functools  # pylint: disable=g-import-not-at-top

@@ -53,8 +53,9 @@ flags.DEFINE_integer("noise_max", 255, "Largest noise std, /255.", lower_bound=0
 flags.DEFINE_bool("quadratic_noise", True, "Square the sampled std (favours small noise).")
 flags.DEFINE_bool("intensity_augmentation", True, "Scale low-pass images by U(0, 1).")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, noise and data order.")
-flags.DEFINE_enum("conv_impl", "xla", ["xla", "xla_autodiff", "matmul"],
-                  "How 3x3 convolutions are lowered (see wcdm_jax.models.conv2d).")
+flags.DEFINE_enum("conv_impl", "auto", ["auto", "native", "xla", "xla_autodiff", "matmul"],
+                  "How convolutions run: auto = native AVX-512 kernel on CPU where built, else XLA "
+                  "(see wcdm_jax.models.conv2d).")
 flags.DEFINE_bool("remat", False, "Rematerialise each block in the backward pass (less memory).")
 # Run.
 flags.DEFINE_list("nets", [], "Nets to train (default all): flat | low,cond0,cond1,...")

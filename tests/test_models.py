@@ -1,9 +1,12 @@
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wcdm_jax import models
+from wcdm_jax import models, native_conv
 
 
 def _random_bn(variables, key):
@@ -17,7 +20,7 @@ def _random_bn(variables, key):
 
 
 @pytest.mark.parametrize("kind", ["flat", "low", "cond"])
-@pytest.mark.parametrize("conv_impl", ["xla", "matmul"])
+@pytest.mark.parametrize("conv_impl", ["xla", "matmul", "auto"])
 def test_positive_homogeneity(kind, conv_impl):
   spec = {"flat": models.flat_spec(9, 1, 6, 8), "low": models.low_spec(2, 13, 3, 6, 8),
           "cond": models.cond_spec(0, 9, 1, 6, 8)}[kind]
@@ -98,15 +101,60 @@ def test_wrong_channels_message():
     models.apply_net(spec, v, jnp.zeros((1, 8, 8, 1)))
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-def test_conv_impls_agree_in_value_and_gradients(batch):
-  """'xla' (custom kernel gradient on CPU), 'xla_autodiff' and 'matmul' are the same function."""
-  x = jax.random.normal(jax.random.key(0), (batch, 12, 10, 5))
-  k = jax.random.normal(jax.random.key(1), (3, 3, 5, 7))
-  loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(models.conv2d(x, k, impl)))
-  ref = jax.jit(jax.value_and_grad(loss("xla_autodiff"), argnums=(0, 1)))(x, k)
-  for impl in ("xla", "matmul"):
-    out = jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1)))(x, k)
+def _impls():
+  return ("xla", "matmul", "auto") + (("native",) if native_conv.available() else ())
+
+
+# Shapes reach each native path: XLA fallback (Cout 7), direct 3x3 (Cin 8), Winograd 3x3 with
+# odd image sizes (partial tiles), direct 5x5 and 1x1.
+@pytest.mark.parametrize("batch,cin,cout,k", [(1, 5, 7, 3), (4, 8, 32, 3), (2, 32, 16, 3),
+                                               (2, 32, 16, 5), (2, 16, 48, 1)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv_impls_agree_in_value_and_gradients(batch, cin, cout, k, relu):
+  """Every conv impl (native AVX-512 kernel included) is the same function, gradients too."""
+  x = jax.random.normal(jax.random.key(0), (batch, 11, 9, cin))
+  kern = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) / (k * np.sqrt(cin))
+  loss = lambda impl: lambda x, kern: jnp.sum(jnp.sin(3 * models.conv2d(x, kern, impl, relu)))
+  ref = jax.jit(jax.value_and_grad(loss("xla_autodiff"), argnums=(0, 1)))(x, kern)
+  assert float(jnp.abs(ref[1][1]).max()) > 0.1  # a gradient that can show a difference
+  for impl in _impls():
+    out = jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1)))(x, kern)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), out, ref)
   with pytest.raises(ValueError, match="conv impl must be one of"):
-    models.conv2d(x, k, "cuda")
+    models.conv2d(x, kern, "cuda")
+
+
+def test_native_kernels_build_where_they_can():
+  """With AVX-512 and a C++ compiler (the CI machine) the native kernels must be in use."""
+  if not native_conv._cpu_has_avx512() or shutil.which(os.environ.get("CXX", "g++")) is None:
+    pytest.skip("no AVX-512 CPU or no C++ compiler: XLA's convolutions are used")
+  assert native_conv.available()
+  x, kern = jnp.ones((1, 8, 8, 8)), jnp.ones((3, 3, 8, 16))
+  assert native_conv.supports(x, kern) and models._use_native("auto", x, kern)
+  assert not native_conv.supports(x, kern[..., :3])  # Cout % 16 != 0 -> XLA
+  assert not native_conv.supports(x[..., :4], kern[:, :, :4])  # Cin < 8 -> XLA
+  assert not native_conv.supports(x.astype(jnp.bfloat16), kern)
+  # The fused kernel is really what runs: the compiled program calls the FFI target.
+  hlo = jax.jit(lambda x, k: models.conv2d(x, k, "auto")).lower(x, kern).as_text()
+  assert "wcdm_conv_fwd" in hlo
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 7), (8, 8), (13, 6)])
+def test_native_winograd_matches_direct(size):
+  """Winograd F(2x2, 3x3) and the direct kernel agree to float32 round-off, any image size."""
+  if not native_conv.available():
+    pytest.skip("native kernels unavailable")
+  x = jax.random.normal(jax.random.key(0), (3, *size, 32))
+  kern = jax.random.normal(jax.random.key(1), (3, 3, 32, 64)) / 17.0
+  assert native_conv.uses_winograd(x, kern)
+  direct = jax.jit(lambda x, k: native_conv.conv(x, k, False, False))(x, kern)
+  wino = jax.jit(lambda x, k: native_conv.conv(x, k, False, True))(x, kern)
+  np.testing.assert_allclose(wino, direct, rtol=1e-5, atol=1e-5 * float(jnp.abs(direct).max()))
+  hlo = jax.jit(lambda x, k: native_conv.conv(x, k)).lower(x, kern).as_text()
+  assert "wcdm_conv_winograd" in hlo
+
+
+def test_native_build_failure_is_reported(monkeypatch, tmp_path):
+  monkeypatch.setenv("CXX", "no-such-compiler-wcdm")
+  with pytest.raises(RuntimeError, match="no C..? compiler"):
+    native_conv.build(str(tmp_path))

@@ -16,7 +16,7 @@ def _check_images(spec: models.ModelSpec, images: jax.Array, what: str) -> None:
 
 
 def denoise(params: models.ModelParams, noisy: jax.Array, *, return_scales: bool = False,
-            conv_impl: str = "xla"):
+            conv_impl: str = "auto"):
   """Blind denoising of (B, H, W, C) images; jittable.
 
   Flat model: ``y - f(y)``. Multi-scale: decompose, denoise x_J with the low-pass net, then

@@ -18,7 +18,7 @@ def psnr(x: jax.Array, ref: jax.Array, peak: float = 1.0) -> jax.Array:
 
 def scale_psnr(spec: models.ModelSpec, name: str, variables: models.Variables,
                images: jax.Array, sigma: float, key: jax.Array,
-               conv_impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+               conv_impl: str = "auto") -> tuple[jax.Array, jax.Array]:
   """(noisy, denoised) mean PSNR of one net on its part of the pyramid of clean ``images``.
 
   ``sigma`` is the noise std added to the net's input (image, low-pass, or detail

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from wcdm_jax import wavelets
+from wcdm_jax import native_conv, wavelets
 
 Variables = dict[str, Any]
 
@@ -231,28 +231,47 @@ def _conv_cpu_bwd(res, g):
 
 
 _conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
-CONV_IMPLS = ("xla", "xla_autodiff", "matmul")
+CONV_IMPLS = ("auto", "native", "xla", "xla_autodiff", "matmul")
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
+def _use_native(impl: str, x: jax.Array, kernel: jax.Array) -> bool:
+  if impl not in ("auto", "native") or jax.default_backend() != "cpu":
+    if impl == "native":
+      raise ValueError("conv_impl='native' is a CPU kernel; use 'auto' or 'xla' on "
+                       f"{jax.default_backend()}")
+    return False
+  if impl == "native" and not native_conv.available():
+    raise RuntimeError("conv_impl='native' but the native CPU kernels could not be built (see "
+                       "the logged warning); use conv_impl='auto' to fall back to XLA")
+  return native_conv.supports(x, kernel) and native_conv.available()
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, impl: str = "auto", relu: bool = False) -> jax.Array:
   """Bias-free 'same' convolution: x (B, H, W, Cin), kernel (k, k, Cin, Cout) -> (B, H, W, Cout).
 
-  impl='xla': lax.conv; on CPU its kernel gradient is computed by ``_kernel_grad`` (the
-  gradients are the same, faster). 'xla_autodiff': lax.conv with XLA's own gradients
-  everywhere. 'matmul': one matrix product over the k^2 shifted copies of the input
-  (im2col). 1x1 convolutions are always a matrix product.
+  impl='auto' (default): 'native' on CPU where the kernel is built and handles the layer,
+  else 'xla'. 'native': the AVX-512 direct convolution of ``native_conv`` (CPU only; layers
+  it does not handle, e.g. Cout = 1, use 'xla'). 'xla': lax.conv; on CPU its kernel
+  gradient is computed by ``_kernel_grad`` (same gradients, faster). 'xla_autodiff': lax.conv
+  with XLA's own gradients everywhere. 'matmul': one matrix product over the k^2 shifted
+  copies of the input (im2col). Outside 'native', 1x1 convolutions are matrix products.
+  relu=True applies a ReLU to the result (fused into the native kernel).
   """
-  k = kernel.shape[0]
-  kernel = kernel.astype(x.dtype)
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+  k = kernel.shape[0]
+  kernel = kernel.astype(x.dtype)
+  if _use_native(impl, x, kernel):
+    return native_conv.conv(x, kernel, relu)
   if k == 1:
-    return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
-  if impl == "matmul":
-    return jnp.einsum("bhwc,cd->bhwd", _im2col(x, k), kernel.reshape(-1, kernel.shape[-1]))
-  if impl == "xla" and jax.default_backend() == "cpu":
-    return _conv_cpu(x, kernel)
-  return _lax_conv(x, kernel)
+    y = jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+  elif impl == "matmul":
+    y = jnp.einsum("bhwc,cd->bhwd", _im2col(x, k), kernel.reshape(-1, kernel.shape[-1]))
+  elif impl in ("xla", "auto", "native") and jax.default_backend() == "cpu":
+    y = _conv_cpu(x, kernel)
+  else:
+    y = _lax_conv(x, kernel)
+  return nn.relu(y) if relu else y
 
 
 def batch_sd(h: jax.Array) -> jax.Array:
@@ -260,7 +279,7 @@ def batch_sd(h: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.var(h.astype(jnp.float32), axis=(0, 1, 2)) + BN_EPS)
 
 
-def block_train(x, kernel, gain, impl: str = "xla"):
+def block_train(x, kernel, gain, impl: str = "auto"):
   """conv -> bias-free batch norm (batch statistics) -> ReLU; returns (y, sd)."""
   h = conv2d(x, kernel, impl)
   sd = batch_sd(h)
@@ -268,7 +287,7 @@ def block_train(x, kernel, gain, impl: str = "xla"):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def block_train_remat(x, kernel, gain, impl="xla"):
+def block_train_remat(x, kernel, gain, impl="auto"):
   """``block_train`` keeping only its input for the backward pass, which recomputes the rest.
 
   (jax.checkpoint's optimisation barriers are dropped by XLA:CPU, whose CSE then merges the
@@ -311,7 +330,7 @@ class Conv(nn.Module):
   """Bias-free 'same' convolution, NHWC, param 'kernel' (k, k, in, out), Kaiming normal."""
   features: int
   kernel_size: int
-  impl: str = "xla"
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, Cin) -> (B, H, W, Cout)
@@ -334,7 +353,7 @@ class Block(nn.Module):
   """
   features: int
   kernel_size: int
-  conv_impl: str = "xla"
+  conv_impl: str = "auto"
   remat: bool = False
 
   @nn.compact
@@ -344,9 +363,8 @@ class Block(nn.Module):
     gain = self.param("gammas", _gain_init, (self.features,))
     running_sd = self.variable("batch_stats", "running_sd", jnp.ones, (self.features,),
                                jnp.float32)
-    if not train:
-      h = conv2d(x, kernel, self.conv_impl)
-      return nn.relu(h * (gain / running_sd.value).astype(h.dtype))
+    if not train:  # the norm's per-channel scale folded into the kernel, ReLU fused
+      return conv2d(x, kernel * (gain / running_sd.value), self.conv_impl, relu=True)
     fn = block_train_remat if self.remat else block_train
     y, sd = fn(x, kernel, gain, self.conv_impl)
     if not self.is_initializing():
@@ -357,7 +375,7 @@ class Block(nn.Module):
 class BFCNN(nn.Module):
   """Bias-free CNN: conv, (conv -> BF-BN -> ReLU) x (L - 2), conv. Returns the residual."""
   spec: NetSpec
-  conv_impl: str = "xla"
+  conv_impl: str = "auto"
   remat: bool = False
   dtype: Any = jnp.float32
 
@@ -384,7 +402,7 @@ def init_net(key: jax.Array, spec: NetSpec, size: tuple[int, int] = (16, 16)) ->
   return dict(BFCNN(spec).init(key, x, train=False))
 
 
-def apply_net(spec: NetSpec, variables: Variables, x: jax.Array, *, conv_impl: str = "xla",
+def apply_net(spec: NetSpec, variables: Variables, x: jax.Array, *, conv_impl: str = "auto",
               dtype: Any = jnp.float32) -> jax.Array:
   """Evaluation-mode residual f(x) of one net; pure: (B, H, W, Cin) -> (B, H, W, Cout)."""
   return BFCNN(spec, conv_impl=conv_impl, dtype=dtype).apply(variables, x, train=False)
@@ -411,7 +429,7 @@ class ModelParams:
       return self.spec.conditionals[j], self.conditionals[j]
     raise KeyError(f"no net named {name!r}; nets are {list(self.spec.nets)}")
 
-  def residual_fn(self, name: str, conv_impl: str = "xla") -> Callable[[jax.Array], jax.Array]:
+  def residual_fn(self, name: str, conv_impl: str = "auto") -> Callable[[jax.Array], jax.Array]:
     """x -> f(x) of the named net in evaluation mode."""
     spec, variables = self.net(name)
     return lambda x: apply_net(spec, variables, x, conv_impl=conv_impl)

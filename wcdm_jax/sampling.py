@@ -159,7 +159,7 @@ def rescale_min_max(x: jax.Array, lo: float, hi: float) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cond_cfgs", "conv_impl"))
-def _refine(keys, params: models.ModelParams, low, cond_cfgs, conv_impl="xla"):
+def _refine(keys, params: models.ModelParams, low, cond_cfgs, conv_impl="auto"):
   """Details of levels J-1 .. 0 given the low-pass x_J: returns [x_J, ..., x_0], infos."""
   spec = params.spec
   outs, infos = [low], []
@@ -178,7 +178,7 @@ def _refine(keys, params: models.ModelParams, low, cond_cfgs, conv_impl="xla"):
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "cfg", "conv_impl"))
-def _global_ascent(keys, params: models.ModelParams, shape, cfg, conv_impl="xla"):
+def _global_ascent(keys, params: models.ModelParams, shape, cfg, conv_impl="auto"):
   level_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
   return ascent(level_keys, params.residual_fn(params.spec.low.name, conv_impl), shape, cfg)
 
@@ -187,7 +187,7 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
            image_size: Sequence[int] | None = None, low_config: AscentConfig = RELEASE_LOW,
            cond_config: AscentConfig | Sequence[AscentConfig] | None = None,
            low_rescale: tuple[float, float] | None = None, return_intermediates: bool = False,
-           conv_impl: str = "xla"):
+           conv_impl: str = "auto"):
   """Unconditional samples (N, H, W, C), coarse to fine.
 
   key: one key (then ``num_samples``, default 1) or a (N,) batch of keys; sample i depends
@@ -218,7 +218,7 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
 
 def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array, *,
                   cond_config: AscentConfig | Sequence[AscentConfig] | None = None,
-                  return_intermediates: bool = False, conv_impl: str = "xla"):
+                  return_intermediates: bool = False, conv_impl: str = "auto"):
   """Synthesise the details of J levels given low-pass images: (B, h, w, C) -> (B, 2^J h,
   2^J w, C), i.e. 4x with J = 2, 8x with J = 3.
 

@@ -41,7 +41,7 @@ class TrainConfig:
   quadratic_noise: bool = True
   intensity_augmentation: bool = True  # low-pass net only
   seed: int = 0
-  conv_impl: str = "xla"
+  conv_impl: str = "auto"
   remat: bool = False
 
 
@@ -123,7 +123,7 @@ def detail_noise_scales(spec: models.ModelSpec, batches: list[np.ndarray]) -> di
   return scales
 
 
-def loss_fn(params, batch_stats, net: models.NetSpec, noisy, noise, *, conv_impl="xla",
+def loss_fn(params, batch_stats, net: models.NetSpec, noisy, noise, *, conv_impl="auto",
             remat=False):
   model = models.BFCNN(net, conv_impl=conv_impl, remat=remat)
   pred, updates = model.apply({"params": params, "batch_stats": batch_stats}, noisy, train=True,
