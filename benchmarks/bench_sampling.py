@@ -9,6 +9,7 @@ h 0.01; conditional scales h0 0.01 ascending, beta 0.5) with the same nets (the 
 weights when ../shared is present, else random ones of the same shapes) and exactly the same
 number of denoiser evaluations per image (the stop rules are disabled, so every image runs the
 given steps). Per-image time of the full release run is extrapolated from the per-step costs.
+GFLOP/s: the low-pass net's direct-convolution FLOPs per step and image / time (effective).
 """
 import argparse
 import dataclasses
@@ -112,17 +113,20 @@ def main():
 
   full = lambda cond, step: cond + step * (args.release_low_steps - 1)
   j_full, t_full = full(j_cond, j_low_step), full(t_cond, t_low_step)
+  low_flops = params.spec.low.flops_per_pixel() * 40 * 40  # one low-pass evaluation, one image
   rows = [
-      [f"JAX, batch {args.batch}", f"{j_total:.2f}", f"{1e3 * j_low_step:.2f}", f"{j_cond:.2f}",
-       f"{j_full:.1f}", f"{j_total / t_total:.2f}x", f"{j_full / t_full:.2f}x"],
+      [f"JAX, batch {args.batch}", f"{j_total:.2f}", f"{1e3 * j_low_step:.2f}",
+       f"{low_flops / j_low_step / 1e9:.0f}", f"{j_cond:.2f}", f"{j_full:.1f}",
+       f"{j_total / t_total:.2f}x", f"{j_full / t_full:.2f}x"],
       ["PyTorch, one image at a time", f"{t_total:.2f}", f"{1e3 * t_low_step:.2f}",
-       f"{t_cond:.2f}", f"{t_full:.1f}", "1.00x", "1.00x"],
+       f"{low_flops / t_low_step / 1e9:.0f}", f"{t_cond:.2f}", f"{t_full:.1f}", "1.00x", "1.00x"],
   ]
   print(f"threads: {threads}; nets: {which}; steps per image: low-pass {args.low_steps}, "
         f"conditional {args.cond_steps} + {args.cond_steps}; medians of {args.repeats} "
         "alternating rounds\n")
   print(table("Multi-scale synthesis, 160x160, per image",
-              ["", "measured run (s)", "low-pass step (ms)", "both conditional scales (s)",
+              ["", "measured run (s)", "low-pass step (ms)", "low-pass step GFLOP/s",
+               "both conditional scales (s)",
                f"release run, {args.release_low_steps} low-pass steps (s, extrapolated)",
                "time vs PyTorch (measured)", "time vs PyTorch (release run)"], rows))
 

@@ -24,4 +24,10 @@ def test_memory_benchmark_runs_and_remat_saves():
 def test_net_benchmark_runs():
   pytest.importorskip("torch")
   out = _run("bench_nets.py", "--cases=cond9", "--repeats=1", "--tiny")
-  assert "pytorch" in out and "jax/xla" in out
+  assert "pytorch" in out and "jax/xla" in out and "jax/auto" in out
+
+
+def test_sampling_benchmark_runs():
+  pytest.importorskip("torch")
+  out = _run("bench_sampling.py", "--batch=2", "--low_steps=3", "--cond_steps=2", "--repeats=1")
+  assert "PyTorch, one image at a time" in out and "GFLOP/s" in out

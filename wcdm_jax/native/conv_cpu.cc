@@ -16,6 +16,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -94,6 +95,21 @@ void FwdRowSpan(const float* x, int64_t n, int64_t ci, const float* w, int64_t c
   }
 }
 
+// fn(std::integral_constant<int, NV>, o) over output-channel blocks [o, o + 16 NV), NV in 4, 2, 1.
+template <typename F>
+void ForOutputBlocks(int64_t co, F&& fn) {
+  for (int64_t o = 0; o < co;) {
+    const int64_t left = co - o;
+    if (left % 64 == 0) {
+      fn(std::integral_constant<int, 4>{}, o), o += 64;
+    } else if (left % 32 == 0) {
+      fn(std::integral_constant<int, 2>{}, o), o += 32;
+    } else {
+      fn(std::integral_constant<int, 1>{}, o), o += 16;
+    }
+  }
+}
+
 struct Shape {
   int64_t b, h, w, ci, co, k;
 };
@@ -113,16 +129,9 @@ void FwdRow(const Shape& s, const float* x, const float* w, float* y, int64_t b,
       if (j1 <= j0) continue;
       const float* xs = xr + (j0 + dx - p) * s.ci;
       const float* wt = w + ((dy * s.k + dx) * s.ci) * s.co;
-      for (int64_t o = 0; o < s.co;) {
-        int64_t left = s.co - o;
-        if (left % 64 == 0) {
-          FwdRowSpan<4>(xs, j1 - j0, s.ci, wt + o, s.co, yr + j0 * s.co + o), o += 64;
-        } else if (left % 32 == 0) {
-          FwdRowSpan<2>(xs, j1 - j0, s.ci, wt + o, s.co, yr + j0 * s.co + o), o += 32;
-        } else {
-          FwdRowSpan<1>(xs, j1 - j0, s.ci, wt + o, s.co, yr + j0 * s.co + o), o += 16;
-        }
-      }
+      ForOutputBlocks(s.co, [&](auto nv, int64_t o) {
+        FwdRowSpan<decltype(nv)::value>(xs, j1 - j0, s.ci, wt + o, s.co, yr + j0 * s.co + o);
+      });
     }
   }
   if (relu) {
@@ -182,16 +191,9 @@ void WgradRows(const Shape& s, const float* x, const float* g, float* dw, int64_
         if (ii < 0 || ii >= s.h) continue;
         const float* xs = x + ((b * s.h + ii) * s.w + j0 + dx - p) * s.ci;
         const float* gs = g + ((b * s.h + i) * s.w + j0) * s.co;
-        for (int64_t o = 0; o < s.co;) {
-          int64_t left = s.co - o;
-          if (left % 64 == 0) {
-            WgradSpan<4>(xs, gs + o, j1 - j0, s.ci, s.co, dwt + o), o += 64;
-          } else if (left % 32 == 0) {
-            WgradSpan<2>(xs, gs + o, j1 - j0, s.ci, s.co, dwt + o), o += 32;
-          } else {
-            WgradSpan<1>(xs, gs + o, j1 - j0, s.ci, s.co, dwt + o), o += 16;
-          }
-        }
+        ForOutputBlocks(s.co, [&](auto nv, int64_t o) {
+          WgradSpan<decltype(nv)::value>(xs, gs + o, j1 - j0, s.ci, s.co, dwt + o);
+        });
       }
     }
 }
@@ -297,16 +299,9 @@ void WinoGemm(const float* v, const float* u, float* m, int64_t tiles, int64_t c
     const float* vx = v + xi * tiles * ci;
     const float* ux = u + xi * ci * co;
     float* mx = m + xi * tiles * co;
-    for (int64_t o = 0; o < co;) {
-      int64_t left = co - o;
-      if (left % 64 == 0) {
-        FwdRowSpan<4, true>(vx, tiles, ci, ux + o, co, mx + o), o += 64;
-      } else if (left % 32 == 0) {
-        FwdRowSpan<2, true>(vx, tiles, ci, ux + o, co, mx + o), o += 32;
-      } else {
-        FwdRowSpan<1, true>(vx, tiles, ci, ux + o, co, mx + o), o += 16;
-      }
-    }
+    ForOutputBlocks(co, [&](auto nv, int64_t o) {
+      FwdRowSpan<decltype(nv)::value, true>(vx, tiles, ci, ux + o, co, mx + o);
+    });
   }
 }
 
@@ -385,28 +380,18 @@ ffi::Error ConvWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// Every kernel: (thread pool; two f32 operands) -> one f32 result, plus one attribute.
+auto TwoOperandBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WcdmConvFwd, ConvFwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("relu"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WcdmConvWgrad, ConvWgrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("k"));
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WcdmConvFwd, ConvFwd, TwoOperandBinding().Attr<bool>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WcdmConvWinograd, ConvWinograd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("relu"));
+                              TwoOperandBinding().Attr<bool>("relu"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WcdmConvWgrad, ConvWgrad, TwoOperandBinding().Attr<int64_t>("k"));
