@@ -1,5 +1,6 @@
 import os
 import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -158,3 +159,14 @@ def test_native_build_failure_is_reported(monkeypatch, tmp_path):
   monkeypatch.setenv("CXX", "no-such-compiler-wcdm")
   with pytest.raises(RuntimeError, match="no C..? compiler"):
     native_conv.build(str(tmp_path))
+
+
+def test_native_build_falls_back_to_a_temporary_cache(tmp_path):
+  """An unwritable cache directory (here: below a file) does not stop the build."""
+  if shutil.which(os.environ.get("CXX", "g++")) is None:
+    pytest.skip("no C++ compiler")
+  blocker = tmp_path / "not_a_dir"
+  blocker.write_text("")
+  path = native_conv.build(str(blocker / "cache"))
+  assert os.path.isfile(path) and path.startswith(tempfile.gettempdir())
+  assert not path.startswith(str(tmp_path))

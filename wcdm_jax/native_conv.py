@@ -62,7 +62,12 @@ def build(cache_dir: str | None = None) -> str:
   path = os.path.join(out_dir, f"wcdm_conv_cpu_{tag}.so")
   if os.path.exists(path):
     return path
-  os.makedirs(out_dir, exist_ok=True)
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError:  # e.g. a read-only home: build in the temporary directory instead
+    out_dir = os.path.join(tempfile.gettempdir(), f"wcdm_jax_{os.getuid()}")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, os.path.basename(path))
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
   os.close(fd)
   cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
@@ -71,6 +76,7 @@ def build(cache_dir: str | None = None) -> str:
     os.unlink(tmp)
     raise RuntimeError(f"compiling {_SOURCE} failed:\n{' '.join(cmd)}\n{proc.stderr[-2000:]}")
   os.replace(tmp, path)  # atomic: concurrent builders are safe
+  logging.info("wcdm_jax: compiled the native CPU convolutions into %s", path)
   return path
 
 
