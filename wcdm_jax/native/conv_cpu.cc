@@ -23,6 +23,10 @@
 
 namespace ffi = xla::ffi;
 
+#ifndef WCDM_WINO_TILES
+#define WCDM_WINO_TILES 24  // Winograd tiles per work item (at least one row of tiles)
+#endif
+
 namespace {
 
 // Runs fn(item, worker) for item in [0, n) on the calling thread and the pool's threads;
@@ -335,7 +339,7 @@ ffi::Error ConvWinograd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (s.ci % 16 != 0 || s.co % 16 != 0)
     return ffi::Error::InvalidArgument("wcdm winograd: needs Cin % 16 == 0 and Cout % 16 == 0");
   const int64_t th = (s.h + 1) / 2, tw = (s.w + 1) / 2;
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(th, 96 / tw));  // ~96 tiles/item
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(th, WCDM_WINO_TILES / tw));
   const int64_t groups = (th + rows - 1) / rows;
   thread_local std::vector<float> ubuf;
   ubuf.resize(16 * s.ci * s.co);
