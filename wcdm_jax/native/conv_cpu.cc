@@ -61,42 +61,57 @@ int NumWorkers(ffi::ThreadPool& pool) {
   return static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
 }
 
-// acc[r][v] += x[r, c] * w[c, 16v:16v+16] over c < ci, for RW pixels and 16*NV outputs.
-// kInit: start from zero instead of the values in y.
-template <int RW, int NV, bool kInit = false>
-inline void FwdTile(const float* x, int64_t ci, const float* w, int64_t co, float* y) {
-  __m512 acc[RW][NV];
-  for (int r = 0; r < RW; ++r)
+// The micro-kernel of every kernel here: y[i, 16v:16v+16] (+)= sum_k a(i, k) b[k, 16v:16v+16]
+// for R rows i and 16 NV columns, accumulated in R x NV registers. a(i, k) = a[i * lda + k]
+// or, with kKMajor, a[k * lda + i]; b and y have row strides ldb, ldy. kInit: start from zero
+// instead of y.
+template <int R, int NV, bool kInit, bool kKMajor>
+inline void OuterTile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn,
+                      float* y, int64_t ldy) {
+  __m512 acc[R][NV];
+  for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v)
-      acc[r][v] = kInit ? _mm512_setzero_ps() : _mm512_loadu_ps(y + r * co + 16 * v);
-  for (int64_t c = 0; c < ci; ++c) {
-    __m512 wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(w + c * co + 16 * v);
-    for (int r = 0; r < RW; ++r) {
-      __m512 b = _mm512_set1_ps(x[r * ci + c]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(b, wv[v], acc[r][v]);
+      acc[i][v] = kInit ? _mm512_setzero_ps() : _mm512_loadu_ps(y + i * ldy + 16 * v);
+  for (int64_t k = 0; k < kn; ++k) {
+    __m512 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+    for (int i = 0; i < R; ++i) {
+      __m512 av = _mm512_set1_ps(kKMajor ? a[k * lda + i] : a[i * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
     }
   }
-  for (int r = 0; r < RW; ++r)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + r * co + 16 * v, acc[r][v]);
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + i * ldy + 16 * v, acc[i][v]);
 }
 
+// OuterTile over rows [0, n) in blocks of R, the remainder in one narrower tile (its
+// independent accumulators keep the FMA units busy).
+template <int R, int NV, bool kInit, bool kKMajor>
+void OuterSpan(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn, float* y,
+               int64_t ldy, int64_t n) {
+  const int64_t step = kKMajor ? 1 : lda;  // from one row i of a to the next
+  int64_t i = 0;
+  for (; i + R <= n; i += R)
+    OuterTile<R, NV, kInit, kKMajor>(a + i * step, lda, b, ldb, kn, y + i * ldy, ldy);
+  a += i * step, y += i * ldy;
+  switch (n - i) {
+    case 0: break;
+    case 1: OuterTile<1, NV, kInit, kKMajor>(a, lda, b, ldb, kn, y, ldy); break;
+    case 2: OuterTile<2, NV, kInit, kKMajor>(a, lda, b, ldb, kn, y, ldy); break;
+    case 3: OuterTile<3, NV, kInit, kKMajor>(a, lda, b, ldb, kn, y, ldy); break;
+    case 4: OuterTile<4, NV, kInit, kKMajor>(a, lda, b, ldb, kn, y, ldy); break;
+    case 5: OuterTile<5, NV, kInit, kKMajor>(a, lda, b, ldb, kn, y, ldy); break;
+    default:
+      for (; i < n; ++i, a += step, y += ldy)
+        OuterTile<1, NV, kInit, kKMajor>(a, lda, b, ldb, kn, y, ldy);
+  }
+}
+
+// y[j, :] (+)= x[j, :] @ w for n pixels j (x rows stride ci, y rows stride co): 24 / NV pixels
+// x 16 NV outputs a tile.
 template <int NV, bool kInit = false>
 void FwdRowSpan(const float* x, int64_t n, int64_t ci, const float* w, int64_t co, float* y) {
-  constexpr int RW = 24 / NV;
-  int64_t j = 0;
-  for (; j + RW <= n; j += RW) FwdTile<RW, NV, kInit>(x + j * ci, ci, w, co, y + j * co);
-  // The remainder in one narrower tile (independent accumulators keep the FMAs busy).
-  x += j * ci, y += j * co;
-  switch (n - j) {
-    case 0: break;
-    case 1: FwdTile<1, NV, kInit>(x, ci, w, co, y); break;
-    case 2: FwdTile<2, NV, kInit>(x, ci, w, co, y); break;
-    case 3: FwdTile<3, NV, kInit>(x, ci, w, co, y); break;
-    case 4: FwdTile<4, NV, kInit>(x, ci, w, co, y); break;
-    case 5: FwdTile<5, NV, kInit>(x, ci, w, co, y); break;
-    default: for (; j < n; ++j, x += ci, y += co) FwdTile<1, NV, kInit>(x, ci, w, co, y);
-  }
+  OuterSpan<24 / NV, NV, kInit, false>(x, ci, w, co, ci, y, co, n);
 }
 
 // fn(std::integral_constant<int, NV>, o) over output-channel blocks [o, o + 16 NV), NV in 4, 2, 1.
@@ -145,40 +160,11 @@ void FwdRow(const Shape& s, const float* x, const float* w, float* y, int64_t b,
   }
 }
 
-// dw[c0:c0+RC, o0:o0+16NV] += sum_j x[j, c] g[j, o] over n pixels (x rows stride ci).
-template <int RC, int NV>
-inline void WgradTile(const float* x, const float* g, int64_t n, int64_t ci, int64_t co,
-                      float* dw) {
-  __m512 acc[RC][NV];
-  for (int c = 0; c < RC; ++c)
-    for (int v = 0; v < NV; ++v) acc[c][v] = _mm512_loadu_ps(dw + c * co + 16 * v);
-  for (int64_t j = 0; j < n; ++j) {
-    __m512 gv[NV];
-    for (int v = 0; v < NV; ++v) gv[v] = _mm512_loadu_ps(g + j * co + 16 * v);
-    for (int c = 0; c < RC; ++c) {
-      __m512 b = _mm512_set1_ps(x[j * ci + c]);
-      for (int v = 0; v < NV; ++v) acc[c][v] = _mm512_fmadd_ps(b, gv[v], acc[c][v]);
-    }
-  }
-  for (int c = 0; c < RC; ++c)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(dw + c * co + 16 * v, acc[c][v]);
-}
-
+// dw[c, :] += sum_j x[j, c] g[j, :] over n pixels j, for every c < ci (x rows stride ci,
+// g and dw rows stride co).
 template <int NV>
 void WgradSpan(const float* x, const float* g, int64_t n, int64_t ci, int64_t co, float* dw) {
-  constexpr int RC = 24 / NV > 8 ? 8 : 24 / NV;
-  int64_t c = 0;
-  for (; c + RC <= ci; c += RC) WgradTile<RC, NV>(x + c, g, n, ci, co, dw + c * co);
-  x += c, dw += c * co;
-  switch (ci - c) {
-    case 0: break;
-    case 1: WgradTile<1, NV>(x, g, n, ci, co, dw); break;
-    case 2: WgradTile<2, NV>(x, g, n, ci, co, dw); break;
-    case 3: WgradTile<3, NV>(x, g, n, ci, co, dw); break;
-    case 4: WgradTile<4, NV>(x, g, n, ci, co, dw); break;
-    case 5: WgradTile<5, NV>(x, g, n, ci, co, dw); break;
-    default: for (; c < ci; ++c, ++x, dw += co) WgradTile<1, NV>(x, g, n, ci, co, dw);
-  }
+  OuterSpan<(24 / NV > 8 ? 8 : 24 / NV), NV, false, true>(x, ci, g, co, n, dw, co, ci);
 }
 
 // Adds the contribution of rows [i0, i1) of image b to dw (one worker's partial sum).
