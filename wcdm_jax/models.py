@@ -181,11 +181,6 @@ def multiscale_spec(levels: int, cond_rf: int = 9, low_rf: int = 41, channels: i
 
 # --- pure building blocks ---------------------------------------------------------------------
 
-def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def _im2col(x: jax.Array, k: int) -> jax.Array:
   """(B, H, W, C) -> (B, H, W, k*k*C): the k x k 'same'-padded neighbourhood of each pixel."""
   h, w, p = x.shape[1], x.shape[2], k // 2
@@ -217,16 +212,16 @@ def _kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
 
 @jax.custom_vjp
 def _conv_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return _lax_conv(x, kernel)
+  return native_conv.lax_conv(x, kernel)
 
 
 def _conv_cpu_fwd(x, kernel):
-  return _lax_conv(x, kernel), (x, kernel)
+  return native_conv.lax_conv(x, kernel), (x, kernel)
 
 
 def _conv_cpu_bwd(res, g):
   x, kernel = res
-  dx = _lax_conv(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+  dx = native_conv.lax_conv(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
   return dx, _kernel_grad(x, g, kernel.shape[0]).astype(kernel.dtype)
 
 
@@ -235,10 +230,11 @@ CONV_IMPLS = ("auto", "native", "xla", "xla_autodiff", "matmul")
 
 
 def _use_native(impl: str, x: jax.Array, kernel: jax.Array) -> bool:
-  if impl not in ("auto", "native") or jax.default_backend() != "cpu":
-    if impl == "native":
-      raise ValueError("conv_impl='native' is a CPU kernel; use 'auto' or 'xla' on "
-                       f"{jax.default_backend()}")
+  on_cpu = jax.default_backend() == "cpu"
+  if impl == "native" and not on_cpu:
+    raise ValueError("conv_impl='native' is a CPU kernel; use 'auto' or 'xla' on "
+                     f"{jax.default_backend()}")
+  if impl not in ("auto", "native") or not on_cpu:
     return False
   if impl == "native" and not native_conv.available():
     raise RuntimeError("conv_impl='native' but the native CPU kernels could not be built (see "
@@ -270,7 +266,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, impl: str = "auto", relu: bool = Fal
   elif impl in ("xla", "auto", "native") and jax.default_backend() == "cpu":
     y = _conv_cpu(x, kernel)
   else:
-    y = _lax_conv(x, kernel)
+    y = native_conv.lax_conv(x, kernel)
   return nn.relu(y) if relu else y
 
 

@@ -138,7 +138,8 @@ def _wgrad_call(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
   return jax.ffi.ffi_call("wcdm_conv_wgrad", out, vmap_method="sequential")(x, g, k=k)
 
 
-def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """XLA's 'same' convolution, NHWC x HWIO: the fallback for layers the kernels do not handle."""
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -162,7 +163,7 @@ def _conv_bwd(relu, winograd, res, g):
   if relu:
     g = jnp.where(y > 0, g, 0)
   flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)  # (k, k, Cout, Cin)
-  dx = _fwd_call(g, flipped, False, winograd) if supports(g, flipped) else _lax_conv(g, flipped)
+  dx = _fwd_call(g, flipped, False, winograd) if supports(g, flipped) else lax_conv(g, flipped)
   return dx, _wgrad_call(x, g, kernel.shape[0])
 
 
