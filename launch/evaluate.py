@@ -28,6 +28,11 @@ flags.DEFINE_enum("crop", "none", ["none", "celeba", "center"], "Crop before res
 flags.DEFINE_integer("image_size", 0, "Image size (0 = the first model's training size).",
                      lower_bound=0)
 flags.DEFINE_integer("num_images", 128, "How many images (first ones by name).", lower_bound=1)
+flags.DEFINE_enum("split", "all", ["all", "eval"], "Images of a folder or tfds source: 'all' "
+                  "from the first file, or 'eval', the held-out last --eval_fraction that "
+                  "train.py leaves out.")
+flags.DEFINE_float("eval_fraction", 0.1, "With --split=eval: train.py's --eval_fraction.",
+                   lower_bound=0.0, upper_bound=0.5)
 flags.DEFINE_list("noise_levels", ["0", "5", "10", "20", "40", "60", "100", "160", "260", "400",
                                    "640"], "Noise stds in /255 units.")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
@@ -43,7 +48,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   common.setup_logging()
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import wcdm_jax  # pylint: disable=g-import-not-at-top
   from wcdm_jax import data, evaluation, plots  # pylint: disable=g-import-not-at-top
   names = FLAGS.names or [os.path.basename(os.path.normpath(m)) for m in FLAGS.models]
   if len(names) != len(FLAGS.models):
@@ -52,12 +56,19 @@ def main(argv):
     levels = [float(v) for v in FLAGS.noise_levels]
   except ValueError as e:
     raise app.UsageError(f"--noise_levels: {e}") from e
-  models = {n: wcdm_jax.load_params(m) for n, m in zip(names, FLAGS.models)}
+  models = {n: common.load_model(m) for n, m in zip(names, FLAGS.models)}
   size = FLAGS.image_size or next(iter(models.values())).spec.image_size[0]
   channels = next(iter(models.values())).spec.channels
-  cfg = data.DataConfig(FLAGS.images, size, channels, FLAGS.crop, eval_fraction=0.0, flips=False,
-                        max_images=FLAGS.num_images if FLAGS.images.startswith("folder:") else 0)
-  src = data.make_source(cfg, FLAGS.num_images, 0, "all" if FLAGS.images != "embedded" else "eval")
+  held_out = FLAGS.split == "eval"
+  cfg = data.DataConfig(FLAGS.images, size, channels, FLAGS.crop,
+                        eval_fraction=FLAGS.eval_fraction if held_out else 0.0, flips=False,
+                        max_images=FLAGS.num_images if FLAGS.images.startswith("folder:")
+                        and not held_out else 0)
+  split = "eval" if held_out or FLAGS.images == "embedded" else "all"
+  try:
+    src = data.make_source(cfg, FLAGS.num_images, 0, split)
+  except (ValueError, ImportError) as e:
+    common.fail(f"--images={FLAGS.images}: {e}")
   images = src.batch(0) if FLAGS.images == "embedded" else src.fetch(np.arange(
       min(FLAGS.num_images, src.num_examples)))
   common.log(f"{len(images)} images of {size}x{size} from {FLAGS.images}")
@@ -65,6 +76,8 @@ def main(argv):
   for name, params in models.items():
     curve = evaluation.denoising_curve(params, images, [s / 255 for s in levels], FLAGS.seed,
                                        FLAGS.batch_size)
+    common.require_finite(f"the denoising PSNRs of model {name!r}", curve["psnr_in"],
+                          curve["psnr_out"])
     curve["noise_std_255"] = levels
     curve["kind"] = "multi-scale" if params.spec.levels else "flat"
     results[name] = curve
@@ -72,7 +85,7 @@ def main(argv):
   os.makedirs(FLAGS.out, exist_ok=True)
   with open(os.path.join(FLAGS.out, "psnr.json"), "w") as f:
     json.dump({"images": FLAGS.images, "num_images": len(images), "image_size": size,
-               "seed": FLAGS.seed, "models": results}, f, indent=1)
+               "split": FLAGS.split, "seed": FLAGS.seed, "models": results}, f, indent=1)
   common.log("wrote " + plots.psnr_curves(results, os.path.join(FLAGS.out, "psnr.png")))
   if FLAGS.filters:
     path = plots.adaptive_filter_figure(models, images[0], FLAGS.filter_sigma / 255,

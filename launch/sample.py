@@ -69,7 +69,7 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   if rescale is not None and len(rescale) != 2:
     raise app.UsageError("--low_rescale takes two numbers, e.g. 0,0.8")
-  params = wcdm_jax.load_params(FLAGS.model)
+  params = common.load_model(FLAGS.model)
   spec = params.spec
   conds = [dataclasses.replace(cond, sigma_L=FLAGS.cond_sigma_L_finest) if j == 0 else cond
            for j in range(spec.levels)]
@@ -82,6 +82,15 @@ def main(argv):
                                              reporting.image_grid(rows, upscale=2)))
 
   size = (FLAGS.image_size,) * 2 if FLAGS.image_size else spec.image_size
+  src = None
+  if FLAGS.images:  # checked before the (long) sampling
+    try:
+      if spec.levels:
+        wcdm_jax.wavelets.check_size(*size, spec.levels)
+      src = data.make_source(data.DataConfig(FLAGS.images, size[0], spec.channels, FLAGS.crop,
+                                             flips=False), FLAGS.num_images, FLAGS.seed, "eval")
+    except (ValueError, ImportError) as e:
+      common.fail(f"--images={FLAGS.images}: {e}")
   arrays = {}
   stages = (1 if FLAGS.num_samples else 0) + (2 if FLAGS.images else 0)
   bar = reporting.ProgressBar(stages, "sample")
@@ -96,6 +105,7 @@ def main(argv):
     images, scales, infos = run()
     images.block_until_ready()
     dt = time.time() - t0
+    common.require_finite("the samples", images)
     steps = [np.asarray(i.steps).tolist() for i in infos]
     common.log(f"{FLAGS.num_samples} samples in {dt:.1f} s, compilation included "
                f"({60 * FLAGS.num_samples / dt:.1f} images/min); steps per scale (coarse first): "
@@ -114,14 +124,13 @@ def main(argv):
     done += 1
     bar.update(done)
   if FLAGS.images:
-    src = data.make_source(data.DataConfig(FLAGS.images, size[0], spec.channels, FLAGS.crop,
-                                           flips=False), FLAGS.num_images, FLAGS.seed, "eval")
     clean = jnp.asarray(src.batch(0))
     arrays["clean"] = np.asarray(clean)
     rows = [clean]
     if spec.levels:
       low = wcdm_jax.decompose(clean, spec.levels, spec.wavelet, spec.mode).low
       sr = sampling.super_resolve(jax.random.key(FLAGS.seed + 1), params, low, cond_config=conds)
+      common.require_finite("the super-resolved images", sr)
       arrays.update(low_res=np.asarray(low), super_resolved=np.asarray(sr))
       rows += [low, sr]
       common.log(f"super-resolution x{2 ** spec.levels}: PSNR "
@@ -133,6 +142,7 @@ def main(argv):
     for i, s in enumerate(sigmas):
       noisy = clean + s * jax.random.normal(jax.random.key(100 + i), clean.shape)
       den = wcdm_jax.denoise(params, noisy)
+      common.require_finite(f"the denoised images (sigma {s})", den)
       arrays[f"noisy_{s}"], arrays[f"denoised_{s}"] = np.asarray(noisy), np.asarray(den)
       rows += [noisy, den]
       common.log(f"denoising sigma={s}: {float(evaluation.psnr(noisy, clean).mean()):.2f} dB -> "

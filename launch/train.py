@@ -65,6 +65,8 @@ flags.DEFINE_float("eval_sigma", 0.1, "Noise std of the per-scale PSNR.", lower_
 flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.", lower_bound=1)
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept per net.", lower_bound=1)
 flags.DEFINE_bool("dry_run", False, "Check the flags, print the model and exit.")
+flags.DEFINE_bool("allow_config_change", False, "Resume checkpoints made with other training "
+                  "settings (batch, seed, learning rate, noise, data); by default that is an error.")
 flags.DEFINE_integer("stop_after", 0, "Stop after this many steps of this run (0 = never).",
                      lower_bound=0)
 
@@ -73,7 +75,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
   common.setup_logging()
-  from wcdm_jax import data, models, trainer, training  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import checkpoints, data, models, trainer, training  # pylint: disable=g-import-not-at-top
   if FLAGS.noise_max < FLAGS.noise_min:
     raise app.UsageError("--noise_max must be >= --noise_min")
   channels = 1 if FLAGS.color == "grey" else 3
@@ -99,7 +101,9 @@ def main(argv):
         workdir=FLAGS.workdir, nets=tuple(FLAGS.nets), log_every=FLAGS.log_every,
         eval_every=FLAGS.eval_every, eval_sigma=FLAGS.eval_sigma,
         checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-        stop_after=FLAGS.stop_after)
+        stop_after=FLAGS.stop_after, allow_config_change=FLAGS.allow_config_change,
+        record=(("train.flags", common.flags_text(
+            FLAGS, os.path.join(FLAGS.workdir, "train.flags"))),))
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   if FLAGS.dry_run:
@@ -109,8 +113,11 @@ def main(argv):
                  f"{training.net_num_steps(spec, name, cfg)} steps")
     common.log(f"data: {data_cfg}")
     return
-  common.write_flags(FLAGS, os.path.join(FLAGS.workdir, "train.flags"))
-  final = trainer.train(spec, data_cfg, cfg, run, log=common.log)
+  try:
+    final = trainer.train(spec, data_cfg, cfg, run, log=common.log)
+  except (ValueError, FileNotFoundError, checkpoints.CheckpointError,
+          checkpoints.NonFiniteError) as e:
+    common.fail(e)
   for name, m in final.items():
     common.log(f"final {name}: noisy {m['psnr_noisy']:.2f} dB -> denoised "
                f"{m['psnr_denoised']:.2f} dB")

@@ -67,15 +67,15 @@ def test_super_resolve(params):
 
 
 def test_bad_inputs(params):
-  with pytest.raises(ValueError, match="num_samples must be >= 1"):
+  with pytest.raises(ValueError, match="num_samples must be an int >= 1, got 0"):
     wcdm_jax.sample(jax.random.key(0), params, 0)
   with pytest.raises(ValueError, match=r"pass its 2-level low-pass \(4x4\)"):
     wcdm_jax.super_resolve(jax.random.key(0), params, jnp.zeros((1, 16, 16, 1)))
-  with pytest.raises(ValueError, match=r"low_res must be \(B, h, w, 1\)"):
+  with pytest.raises(ValueError, match=r"low_res must be \(B, H, W, C\), got shape \(1, 4, 4\)"):
     wcdm_jax.super_resolve(jax.random.key(0), params, jnp.zeros((1, 4, 4)))
   with pytest.raises(ValueError, match="not divisible"):
     wcdm_jax.sample(jax.random.key(0), params, image_size=(18, 18))
-  with pytest.raises(ValueError, match=r"must be \(B, H, W, 1\)"):
+  with pytest.raises(ValueError, match="noisy has 3 channels but the model takes 1"):
     wcdm_jax.denoise(params, jnp.zeros((1, 16, 16, 3)))
   flat = models.init_model(jax.random.key(0), models.ModelSpec(low=models.flat_spec(5, 1, 3, 4)))
   with pytest.raises(ValueError, match="needs a multi-scale model"):

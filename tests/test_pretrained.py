@@ -126,5 +126,5 @@ def test_reader_refuses_code(tmp_path):
   path = tmp_path / "evil.pt"
   with zipfile.ZipFile(path, "w") as z:
     z.writestr("archive/data.pkl", buf.getvalue())
-  with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+  with pytest.raises(pretrained.WeightFileError, match="refusing to load"):
     pretrained.read_state_dict(str(path))

@@ -11,11 +11,19 @@ Layout of a model directory (a training workdir or an imported release model)::
 with <net> in 'flat' | 'low' | 'cond0' ... Each net has its own manager, so one job per
 scale can write into a shared directory. Saves are asynchronous and atomic (orbax writes a
 temporary directory and renames it); ``max_to_keep`` old steps are kept.
+
+Integrity: ``save`` refuses non-finite parameters and stores a SHA-256 of every item in the
+step's meta; ``restore_intact`` verifies it (and finiteness) and falls back to the newest
+intact step, reporting each step it skipped and why, so a truncated, bit-flipped or
+half-deleted checkpoint is never used silently.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
-from typing import Any
+import shutil
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -26,18 +34,61 @@ from wcdm_jax import models
 SPEC_FILE = "spec.json"
 
 
+class CheckpointError(RuntimeError):
+  """No usable checkpoint: every step is missing, corrupt or non-finite (the message says which)."""
+
+
+class NonFiniteError(FloatingPointError):
+  """Non-finite parameters or loss; nothing non-finite is ever saved."""
+
+
+def _host(leaf: Any) -> np.ndarray:
+  """This process's copy of a (replicated) array, as numpy."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    leaf = leaf.addressable_data(0)
+  return np.asarray(leaf)
+
+
+def tree_checksum(tree: Any) -> str:
+  """SHA-256 of a pytree's leaves: paths, dtypes, shapes and bytes, in tree order."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = np.ascontiguousarray(_host(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def all_finite(tree: Any) -> bool:
+  """Whether every floating-point leaf of ``tree`` is finite."""
+  return all(bool(np.all(np.isfinite(a))) for a in map(_host, jax.tree.leaves(tree))
+             if np.issubdtype(a.dtype, np.inexact))
+
+
+def _reason(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def check_spec(directory: str, spec: models.ModelSpec) -> bool:
+  """Whether DIR/spec.json exists; a different existing spec is an error. Writes nothing."""
+  path = os.path.join(os.path.abspath(directory), SPEC_FILE)
+  if not os.path.exists(path):
+    return False
+  old = read_spec(directory)
+  if old != spec:
+    raise ValueError(f"{path} holds a different model spec than this run's; use a new workdir "
+                     f"or the same architecture flags.\n  saved: {old}\n  this run: {spec}")
+  return True
+
+
 def write_spec(directory: str, spec: models.ModelSpec) -> None:
   """Write (or check against) DIR/spec.json; a different existing spec is an error."""
+  if check_spec(directory, spec):
+    return
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, SPEC_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = models.ModelSpec.from_json(f.read())
-    if old != spec:
-      raise ValueError(f"{path} holds a different model spec than this run's; use a new workdir "
-                       f"or the same architecture flags.\n  saved: {old}\n  this run: {spec}")
-    return
   if jax.process_index() == 0:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -51,8 +102,12 @@ def read_spec(directory: str) -> models.ModelSpec:
     raise FileNotFoundError(f"{path} not found: {directory!r} is not a wcdm_jax model directory "
                             "(train one with launch/train.py or import one with "
                             "launch/import_lcv.py)")
-  with open(path) as f:
-    return models.ModelSpec.from_json(f.read())
+  try:
+    with open(path, encoding="utf-8") as f:
+      return models.ModelSpec.from_json(f.read())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: {e}; it was not written by wcdm_jax (train.py or import_lcv.py) "
+                     "or is corrupt") from e
 
 
 def manager(directory: str, net: str, max_to_keep: int = 3,
@@ -73,26 +128,82 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict | None, meta: dict,
   """
   if model is None:
     model = {"params": state["params"], "batch_stats": state["batch_stats"]}
-  items = {"model": ocp.args.StandardSave(model), "meta": ocp.args.JsonSave(meta)}
+  if not all_finite(model):
+    raise NonFiniteError(f"refusing to save step {step} in {mngr.directory}: the parameters hold "
+                         "NaN or inf")
+  checksums = {"model": tree_checksum(model)}
+  items = {"model": ocp.args.StandardSave(model)}
   if state is not None:
+    checksums["state"] = tree_checksum(state)
     items["state"] = ocp.args.StandardSave(state)
+  items["meta"] = ocp.args.JsonSave(dict(meta, checksums=checksums))
   mngr.save(step, args=ocp.args.Composite(**items))
 
 
-def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None,
-            item: str = "state") -> tuple[Any, dict]:
-  """(item, meta) at ``step`` (latest by default).
+def restore(mngr: ocp.CheckpointManager, targets: dict[str, Any], step: int | None = None
+            ) -> tuple[dict[str, Any], dict]:
+  """({item: tree}, meta) at ``step`` (latest by default), unverified.
 
-  ``target``: a pytree of arrays (or ShapeDtypeStructs with shardings) with the item's
-  structure; the checkpoint is resharded onto it, whatever the device count it was saved on.
+  ``targets``: {item name: a pytree of arrays (or ShapeDtypeStructs with shardings) with
+  that item's structure}; the checkpoint is resharded onto them, whatever the device count
+  it was saved on.
   """
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  out = mngr.restore(step, args=ocp.args.Composite(
-      **{item: ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}))
-  return out[item], out.meta
+  args = {k: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, t))
+          for k, t in targets.items()}
+  out = mngr.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
+  return {k: out[k] for k in targets}, out.meta
+
+
+def restore_intact(mngr: ocp.CheckpointManager, targets: dict[str, Any],
+                   step: int | None = None
+                   ) -> tuple[dict[str, Any], dict, int, list[tuple[int, str]]]:
+  """({item: tree}, meta, step, skipped) of the newest intact step (or exactly ``step``).
+
+  A step is intact when all the ``targets``' items restore, its meta is a JSON object, each
+  item's checksum (when recorded) matches and its values are finite. ``skipped`` lists
+  (step, reason) of newer steps that were not. Raises ``CheckpointError`` naming every step
+  and its reason when none is intact.
+  """
+  steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+  skipped = []
+  for s in steps:
+    try:
+      trees, meta = restore(mngr, targets, s)
+      if not isinstance(meta, dict):
+        raise CheckpointError("its meta is not a JSON object")
+      for item, tree in trees.items():
+        expected = (meta.get("checksums") or {}).get(item)
+        if expected is not None and tree_checksum(tree) != expected:
+          raise CheckpointError(f"checksum mismatch in '{item}' (the files were altered after "
+                                "saving)")
+        if not all_finite(tree):
+          raise CheckpointError(f"'{item}' holds NaN or inf")
+      return trees, meta, s, skipped
+    except Exception as e:  # pylint: disable=broad-except  # corrupt files raise anything
+      skipped.append((s, _reason(e)))
+  raise CheckpointError(f"no intact checkpoint in {mngr.directory}: " + "; ".join(
+      f"step {s}: {r}" for s, r in skipped))
+
+
+def quarantine(mngr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
+  """Move the given steps' directories to DIR/../<net>.corrupt/ (kept for inspection)."""
+  src_root = os.fspath(mngr.directory)
+  dst_root = src_root.rstrip("/") + ".corrupt"
+  moved = []
+  for s in steps:
+    src = os.path.join(src_root, str(s))
+    if os.path.exists(src):
+      os.makedirs(dst_root, exist_ok=True)
+      dst = os.path.join(dst_root, str(s))
+      shutil.rmtree(dst, ignore_errors=True)
+      shutil.move(src, dst)
+      moved.append(dst)
+  return moved
 
 
 def save_model(directory: str, params: models.ModelParams, step: int = 0,
@@ -108,12 +219,19 @@ def save_model(directory: str, params: models.ModelParams, step: int = 0,
     mngr.close()
 
 
-def load_params(path: str, step: int | None = None) -> models.ModelParams:
+def load_params(path: str, step: int | None = None,
+                warn: Callable[[str], None] = logging.warning) -> models.ModelParams:
   """Everything sampling and denoising need from a model directory, as ``ModelParams``.
 
-  Reads DIR/spec.json and the latest (or ``step``) checkpoint of every net. A net that was
-  never trained (e.g. a one-scale job still running) is an error naming it.
+  Reads DIR/spec.json and the newest intact (or exactly ``step``) checkpoint of every net; a
+  corrupt newer step is skipped with a warning naming it and why. A net that was never
+  trained (e.g. a one-scale job still running) is an error naming it.
   """
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError(f"path must be a model directory (str), got {type(path).__name__}")
+  if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+    raise ValueError(f"step must be None (newest) or an int >= 0, got {step!r}")
+  path = os.fspath(path)
   spec = read_spec(path)
   variables = {}
   for name, net in spec.nets.items():
@@ -124,13 +242,19 @@ def load_params(path: str, step: int | None = None) -> models.ModelParams:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(lambda net=net: models.init_net(jax.random.key(0), net)))
+    if step is not None and step not in mngr.all_steps():
+      mngr.close()
+      raise FileNotFoundError(f"net {name!r} in {path} has no step {step}; it has "
+                              f"{sorted(mngr.all_steps())}")
     try:
-      model, _ = restore(mngr, target, step, item="model")
-    except ValueError as e:
-      raise ValueError(f"checkpoint of net {name!r} in {path} does not match spec.json's "
-                       f"architecture {net}: {e}") from e
+      items, _, used, skipped = restore_intact(mngr, {"model": target}, step)
+      model = items["model"]
+    except CheckpointError as e:
+      raise CheckpointError(f"net {name!r} of {path}: {e}") from e
     finally:
       mngr.close()
+    for s, why in skipped:
+      warn(f"load_params: net {name!r} of {path}: skipped step {s} ({why}); using step {used}")
     variables[name] = jax.tree.map(np.asarray, model)
   return models.ModelParams(low=variables[spec.low.name],
                             conditionals=tuple(variables[c.name] for c in spec.conditionals),

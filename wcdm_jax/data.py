@@ -11,6 +11,10 @@ Sources (``make_source(spec)``):
 - ``"folder:/path"``: every PNG/JPEG below a folder (decoded once into memory).
 - ``"tfds:name[:split]"``: a tensorflow-datasets source read by random access
   (``tfds.data_source``, no TensorFlow needed).
+Decoding (``read_image``): EXIF orientation applied; palette, CMYK, YCbCr and other PIL
+modes converted to RGB; 16-bit images scaled by 65535 (not clipped at 255); alpha dropped.
+A folder's unreadable files are skipped with one warning naming them, unless more than
+``max_bad_fraction`` of the files are bad (then an error).
 Preprocessing (folder and tfds): grey = mean of RGB or colour; ``crop="celeba"`` is the
 paper's crop ([29:-29, 9:-9] of 218x178, [14:-15, 4:-5] of the 109x89 half-size set),
 ``"center"`` a centre square; then a bicubic resize to ``image_size``.
@@ -19,11 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import logging
 import os
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _SPLIT_IDS = {"train": 0, "eval": 1, "all": 2}
@@ -39,11 +44,67 @@ class DataConfig:
   eval_fraction: float = 0.1  # held-out share of a folder (last files by name)
   flips: bool = True
   max_images: int = 0  # 0 = all
+  max_bad_fraction: float = 0.01  # unreadable share of a folder that is skipped, not an error
+
+  def __post_init__(self):
+    if self.channels not in (1, 3):
+      raise ValueError(f"channels must be 1 (grey) or 3 (colour), got {self.channels}")
+    if not 0 <= self.eval_fraction < 1:
+      raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+    if self.image_size < 1 or self.max_images < 0:
+      raise ValueError(f"image_size must be >= 1 and max_images >= 0, got {self.image_size}, "
+                       f"{self.max_images}")
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def image_to_array(img: Image.Image) -> np.ndarray:
+  """A PIL image -> float32 (H, W, 1 | 3) in [0, 1], whatever its mode.
+
+  EXIF orientation is applied; 16-bit and 32-bit integer grey images are scaled by 65535,
+  float ('F') images taken as they are; palette, CMYK, YCbCr, LAB, HSV, bilevel become RGB or
+  grey; alpha is dropped (the colour values are kept).
+  """
+  img = ImageOps.exif_transpose(img)
+  mode = img.mode
+  if mode in _SIXTEEN_BIT:
+    return (np.asarray(img).astype(np.float32) / 65535.0)[..., None]
+  if mode == "F":
+    return np.asarray(img, np.float32)[..., None]
+  if mode in ("1", "L", "LA", "La"):
+    return (np.asarray(img.convert("L"), np.float32) / 255.0)[..., None]
+  if mode in ("P", "PA"):
+    img = img.convert("RGBA")
+  return np.asarray(img.convert("RGB"), np.float32) / 255.0
+
+
+def read_image(path: str) -> np.ndarray:
+  """Decode one image file -> float32 (H, W, 1 | 3) in [0, 1]; errors name the file."""
+  try:
+    with Image.open(path) as img:
+      img.load()
+      return image_to_array(img)
+  except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError,
+          EOFError) as e:
+    raise ValueError(f"{path}: cannot decode it as an image ({type(e).__name__}: {e})") from e
+
+
+def to_unit(img: np.ndarray) -> np.ndarray:
+  """Any image array -> float32 in [0, 1]: uint8 / 255, uint16 / 65535, floats as they are."""
+  img = np.asarray(img)
+  if img.dtype == np.uint8:
+    return img.astype(np.float32) / 255.0
+  if img.dtype == np.uint16:
+    return img.astype(np.float32) / 65535.0
+  if np.issubdtype(img.dtype, np.floating):
+    return img.astype(np.float32)
+  raise ValueError(f"unsupported image dtype {img.dtype}: use uint8, uint16 or float in [0, 1]")
 
 
 def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
-  """uint8 (H, W[, 3|4]) -> float32 (H, W, channels); grey is the mean of R, G, B."""
-  x = img.astype(np.float32)
+  """(H, W[, 1|3|4]) image -> float32 (H, W, channels) in [0, 1]; grey is the mean of R, G, B."""
+  x = to_unit(img)
   if x.ndim == 2:
     x = x[..., None]
   x = x[..., :3]
@@ -72,7 +133,8 @@ def crop_image(x: np.ndarray, crop: str) -> np.ndarray:
 
 
 def preprocess(img: np.ndarray, image_size: int, channels: int, crop: str) -> np.ndarray:
-  """uint8 image -> float32 (S, S, channels) in [0, 1]: channels, crop, square, resize."""
+  """Image (uint8, uint16 or float in [0, 1]) -> float32 (S, S, channels) in [0, 1]:
+  channels, crop, square, bicubic resize."""
   x = crop_image(to_channels(img, channels), crop)
   h, w = x.shape[:2]
   if h != w:
@@ -81,11 +143,15 @@ def preprocess(img: np.ndarray, image_size: int, channels: int, crop: str) -> np
     planes = [np.asarray(Image.fromarray(x[..., c]).resize((image_size, image_size),
                                                           Image.BICUBIC)) for c in range(x.shape[-1])]
     x = np.stack(planes, -1)
-  return np.clip(x / 255.0, 0.0, 1.0).astype(np.float32)
+  return np.clip(x, 0.0, 1.0).astype(np.float32)
 
 
-def _flip(rng: np.random.Generator, batch: np.ndarray) -> np.ndarray:
-  mask = rng.random(batch.shape[0]) < 0.5
+def _flip(rng: np.random.Generator, batch: np.ndarray, global_size: int | None = None,
+          rows: slice = slice(None)) -> np.ndarray:
+  """Flip each image of ``batch`` with probability 1/2. The batch is rows ``rows`` of a
+  global batch of ``global_size``: the draws are made for the whole global batch and then
+  sliced, so the hosts' shares together are exactly the single-host batch."""
+  mask = (rng.random(global_size or batch.shape[0]) < 0.5)[rows]
   batch[mask] = batch[mask, :, ::-1]
   return batch
 
@@ -176,11 +242,13 @@ class ArraySource(Source):
     idx = self.indices(step)[self.host_slice]
     out = self.fetch(idx)
     if self.cfg.flips and self.split == "train":
-      out = _flip(self._rng(step, 1), out)
+      out = _flip(self._rng(step, 1), out, self.batch_size, self.host_slice)
     return out
 
 
 def list_images(folder: str) -> list[str]:
+  if not os.path.isdir(folder):
+    raise ValueError(f"image folder {folder!r} does not exist (or is not a folder)")
   files = sorted(f for f in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
                  if f.lower().endswith(IMAGE_EXTENSIONS))
   if not files:
@@ -188,13 +256,30 @@ def list_images(folder: str) -> list[str]:
   return files
 
 
-def load_folder(folder: str, cfg: DataConfig) -> np.ndarray:
-  """All images of a folder, preprocessed: (N, S, S, C) float32."""
+def load_folder(folder: str, cfg: DataConfig, warn: Callable[[str], None] = logging.warning
+                ) -> np.ndarray:
+  """All images of a folder, preprocessed: (N, S, S, C) float32.
+
+  Unreadable files (truncated, corrupt, not an image, a size the crop cannot take) are
+  skipped with one warning naming them; more than ``cfg.max_bad_fraction`` of them is an
+  error.
+  """
   files = list_images(folder)
   if cfg.max_images:
     files = files[: cfg.max_images]
-  return np.stack([preprocess(np.asarray(Image.open(f)), cfg.image_size, cfg.channels, cfg.crop)
-                   for f in files])
+  images, bad = [], []
+  for f in files:
+    try:
+      images.append(preprocess(read_image(f), cfg.image_size, cfg.channels, cfg.crop))
+    except ValueError as e:
+      bad.append(str(e) if str(e).startswith(f) else f"{f}: {e}")
+  if bad:
+    listing = "; ".join(bad[:5]) + (f"; ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
+    if len(bad) > cfg.max_bad_fraction * len(files):
+      raise ValueError(f"{len(bad)} of {len(files)} images under {folder!r} cannot be used (more "
+                       f"than max_bad_fraction={cfg.max_bad_fraction:g}): {listing}")
+    warn(f"skipped {len(bad)} of {len(files)} images under {folder!r}: {listing}")
+  return np.stack(images)
 
 
 def _split_range(n: int, split: str, eval_fraction: float) -> range:
@@ -234,7 +319,14 @@ def _tfds_source(cfg: DataConfig, split: str, args: Sequence) -> Source:
   name = parts[1]
   tfds_split = parts[2] if len(parts) > 2 else {"train": "train", "eval": "validation",
                                                "all": "train"}[split]
-  ds = tfds.data_source(name, split=tfds_split)
+  try:  # download=False: never start a download from inside a training run
+    ds = tfds.data_source(name, split=tfds_split, download=False)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"unknown tfds dataset {name!r} in data source {cfg.source!r}") from e
+  except (KeyError, FileNotFoundError, AssertionError) as e:
+    raise ValueError(f"tfds dataset {name!r} (split {tfds_split!r}) is not prepared: prepare it "
+                     f"once with `tfds build {name}` (some datasets need a manual download), or "
+                     f"point TFDS_DATA_DIR at where it is prepared ({str(e)[:200]})") from e
   n = len(ds) if not cfg.max_images else min(len(ds), cfg.max_images)
 
   def fetch(idx: np.ndarray) -> np.ndarray:

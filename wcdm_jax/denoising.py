@@ -4,15 +4,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from wcdm_jax import models, wavelets
+from wcdm_jax import models, validation, wavelets
 
 
-def _check_images(spec: models.ModelSpec, images: jax.Array, what: str) -> None:
-  if images.ndim != 4 or images.shape[-1] != spec.channels:
-    raise ValueError(f"{what} must be (B, H, W, {spec.channels}) for this model, got shape "
-                     f"{images.shape}")
+def check_params(params: models.ModelParams) -> None:
+  if not isinstance(params, models.ModelParams):
+    raise TypeError(f"params must be wcdm_jax.ModelParams (from wcdm_jax.load_params(path)), "
+                    f"got {type(params).__name__}")
+
+
+def _check_images(spec: models.ModelSpec, images: jax.Array, what: str) -> jax.Array:
+  images = validation.images(images, what, spec.channels)
   if spec.levels and spec.mode == wavelets.PERIODIZATION:
     wavelets.check_size(images.shape[1], images.shape[2], spec.levels)
+  return images
 
 
 def denoise(params: models.ModelParams, noisy: jax.Array, *, return_scales: bool = False,
@@ -24,8 +29,9 @@ def denoise(params: models.ModelParams, noisy: jax.Array, *, return_scales: bool
   one level. ``return_scales=True`` also returns the denoised low-pass of every level,
   coarse to fine (the last one is the image).
   """
+  check_params(params)
   spec = params.spec
-  _check_images(spec, noisy, "noisy")
+  noisy = _check_images(spec, noisy, "noisy")
   if spec.levels == 0:
     out = noisy - params.residual_fn("flat", conv_impl)(noisy)
     return (out, [out]) if return_scales else out

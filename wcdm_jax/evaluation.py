@@ -79,3 +79,41 @@ def adaptive_filters(params: models.ModelParams, noisy: jax.Array,
 
   rows = [jax.grad(out_at)(noisy, p).sum(-1) for p in pixels]
   return jnp.stack(rows)
+
+
+def multiscale_claims(results: dict[str, dict], *, flat_small: str, flat_large: str,
+                      ms_small: str, ms_large: str, tolerance_db: float = 0.2,
+                      flat_gap_db: float = 2.0) -> dict:
+  """The paper's three claims (method.md §6), checked on ``denoising_curve`` results by name.
+
+  1. the multi-scale model with small-RF conditional nets is within ``tolerance_db`` of the
+     one with large-RF conditional nets at every noise level;
+  2. the small-RF flat net is at least ``flat_gap_db`` below the large-RF flat net wherever
+     the input PSNR is <= 0 dB;
+  3. the small-RF multi-scale model is at or above the large-RF flat net there.
+  Returns {'noise_std_255', 'psnr_in', 'claims': [{'claim', 'held', 'detail', 'diff_db'}]}.
+  """
+  out = {k: np.asarray(results[k]["psnr_out"], np.float64)
+         for k in (flat_small, flat_large, ms_small, ms_large)}
+  pin = np.asarray(results[flat_large]["psnr_in"], np.float64)
+  sigma = np.asarray(results[flat_large]["sigma"], np.float64)
+  high = pin <= 0.0
+
+  def claim(text, diff, ok, where):
+    diff = diff[where]
+    held = bool(where.any() and ok(diff).all())
+    detail = ("no noise level with input PSNR <= 0 dB" if not where.any() else
+              "differences (dB) " + ", ".join(f"{d:+.2f} at {s * 255:g}/255"
+                                             for d, s in zip(diff, sigma[where])))
+    return {"claim": text, "held": held, "detail": detail, "diff_db": diff.tolist()}
+
+  every = np.ones_like(high)
+  claims = [
+      claim(f"{ms_small} within {tolerance_db} dB of {ms_large} at every noise level",
+            out[ms_small] - out[ms_large], lambda d: np.abs(d) <= tolerance_db, every),
+      claim(f"{flat_small} at least {flat_gap_db} dB below {flat_large} at input PSNR <= 0 dB",
+            out[flat_small] - out[flat_large], lambda d: d <= -flat_gap_db, high),
+      claim(f"{ms_small} at or above {flat_large} at input PSNR <= 0 dB",
+            out[ms_small] - out[flat_large], lambda d: d >= 0.0, high),
+  ]
+  return {"noise_std_255": (sigma * 255).tolist(), "psnr_in": pin.tolist(), "claims": claims}

@@ -132,6 +132,8 @@ class ModelSpec:
       raise ValueError("a multi-scale model needs a 'low' net")
     if not self.conditionals and self.low.kind != "flat":
       raise ValueError("a model without conditional nets needs a 'flat' net")
+    if self.conditionals:
+      wavelets.check_wavelet(self.wavelet, self.mode)
     if self.conditionals and self.mode == wavelets.PERIODIZATION:
       wavelets.check_size(*self.image_size, self.levels)
 
@@ -160,9 +162,14 @@ class ModelSpec:
 
   @classmethod
   def from_json(cls, text: str) -> "ModelSpec":
-    d = json.loads(text)
-    return cls(low=NetSpec(**d["low"]), conditionals=tuple(NetSpec(**c) for c in d["conditionals"]),
-               wavelet=d["wavelet"], mode=d["mode"], image_size=tuple(d["image_size"]))
+    try:
+      d = json.loads(text)
+      return cls(low=NetSpec(**d["low"]),
+                 conditionals=tuple(NetSpec(**c) for c in d["conditionals"]),
+                 wavelet=d["wavelet"], mode=d["mode"], image_size=tuple(d["image_size"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+      raise ValueError(f"not a wcdm_jax model spec ({what})") from e
 
 
 def multiscale_spec(levels: int, cond_rf: int = 9, low_rf: int = 41, channels: int = 1,

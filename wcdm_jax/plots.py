@@ -18,6 +18,23 @@ def _pyplot():
   return plt
 
 
+def _save(fig, path: str) -> str:
+  plt = _pyplot()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def _finish_axes(ax, xlabel: str, ylabel: str, title: str, fontsize: int = 12) -> None:
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=fontsize)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+
+
 def psnr_curves(results: Mapping[str, dict], path: str) -> str:
   """Output PSNR against input PSNR, one curve per model; flat and multi-scale panels."""
   plt = _pyplot()
@@ -35,16 +52,8 @@ def psnr_curves(results: Mapping[str, dict], path: str) -> str:
     if finite:
       lo, hi = min(finite) - 2, max(finite) + 2
       ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="identity")
-    ax.set_xlabel("input PSNR (dB)")
-    ax.set_ylabel("output PSNR (dB)")
-    ax.set_title(f"{kind} denoisers")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+    _finish_axes(ax, "input PSNR (dB)", "output PSNR (dB)", f"{kind} denoisers")
+  return _save(fig, path)
 
 
 def adaptive_filter_figure(params_by_name: Mapping[str, models.ModelParams], image: np.ndarray,
@@ -70,8 +79,19 @@ def adaptive_filter_figure(params_by_name: Mapping[str, models.ModelParams], ima
       ax.set_xticks([])
       ax.set_yticks([])
   fig.suptitle(f"adaptive filters (Jacobian rows), noise std {sigma * 255:g}/255", fontsize=9)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
+
+
+def training_curves(metrics: Mapping[str, list[dict]], path: str) -> str:
+  """Per-scale denoised PSNR against training step, one panel per model (metrics.jsonl rows)."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4.2 * max(len(metrics), 1), 3.6),
+                           squeeze=False)
+  for ax, (model, rows) in zip(axes[0], metrics.items()):
+    nets = sorted({k.split("/")[0] for r in rows for k in r if k.endswith("/psnr_denoised")})
+    for net in nets:
+      pts = [(r["step"], r[f"{net}/psnr_denoised"]) for r in rows if f"{net}/psnr_denoised" in r]
+      steps, vals = zip(*sorted(dict(pts).items()))  # a resumed run may log a step twice
+      ax.plot(steps, vals, "-", lw=1.2, label=net)
+    _finish_axes(ax, "step", "denoised PSNR (dB)", model, fontsize=9)
+  return _save(fig, path)

@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import zipfile
+from zlib import error as zlib_error
 from typing import Any
 
 import numpy as np
@@ -30,20 +31,59 @@ _DTYPES = {
 }
 
 
+# Limits on what an untrusted file may ask for (the released nets are ~1 MB each).
+MAX_STORAGE_BYTES = 1 << 30
+MAX_TENSOR_ELEMENTS = 1 << 28
+
+
+class WeightFileError(ValueError):
+  """A weight file that is not a well-formed tensor state_dict; the message names the file."""
+
+
 class _StorageType:
   def __init__(self, name: str):
-    self.dtype = np.dtype(_DTYPES[name])
+    self.name, self.dtype = name, np.dtype(_DTYPES[name]).newbyteorder("<")
+
+
+def _int_tuple(value, what: str) -> tuple[int, ...]:
+  if not isinstance(value, (tuple, list)) or not all(
+      isinstance(v, int) and not isinstance(v, bool) for v in value):
+    raise pickle.UnpicklingError(f"tensor {what} must be a tuple of ints, got {value!r:.80}")
+  return tuple(value)
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
-  data, dtype = storage
-  itemsize = dtype.itemsize
-  flat = np.frombuffer(data, dtype=dtype)
-  if not size:
-    return flat[offset].copy()
-  arr = np.lib.stride_tricks.as_strided(flat[offset:], shape=tuple(size),
-                                        strides=tuple(s * itemsize for s in stride))
-  return np.array(arr)  # own, writable, contiguous
+  """A copy of the strided view (offset, size, stride) of ``storage``, every index checked.
+
+  Never builds a raw strided view: the element indices are computed and bounds-checked
+  against the storage first, so a crafted header cannot read outside it.
+  """
+  if not (isinstance(storage, tuple) and len(storage) == 2 and isinstance(storage[1], np.dtype)):
+    raise pickle.UnpicklingError("tensor without a storage")
+  flat = np.frombuffer(storage[0], dtype=storage[1])
+  size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
+  if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+    raise pickle.UnpicklingError(f"tensor offset must be an int >= 0, got {offset!r:.80}")
+  if len(size) != len(stride) or any(n < 0 for n in size) or any(st < 0 for st in stride):
+    raise pickle.UnpicklingError(f"bad tensor size {size} / stride {stride}")
+  numel = 1
+  for n in size:
+    numel *= n
+  if numel > MAX_TENSOR_ELEMENTS:
+    raise pickle.UnpicklingError(f"tensor of {numel} elements is over the limit")
+  if numel == 0:
+    return np.zeros(size, flat.dtype.newbyteorder("="))
+  last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+  if last >= flat.size:
+    raise pickle.UnpicklingError(
+        f"tensor (offset {offset}, size {size}, stride {stride}) reaches element {last} of a "
+        f"storage of {flat.size}")
+  index = np.full((1,) * len(size), offset, np.int64)
+  for axis, (n, st) in enumerate(zip(size, stride)):
+    shape = [1] * len(size)
+    shape[axis] = n
+    index = index + (np.arange(n, dtype=np.int64) * st).reshape(shape)
+  return flat[index].astype(flat.dtype.newbyteorder("="))  # own, writable, native order
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, *unused):
@@ -70,22 +110,55 @@ class _SafeUnpickler(pickle.Unpickler):
         f"refusing to load {module}.{name}: only tensor state_dicts are accepted")
 
   def persistent_load(self, pid):
-    kind, storage_type, key, _location, _numel = pid
-    if kind != "storage" or not isinstance(storage_type, _StorageType):
-      raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-    data = self._archive.read(f"{self._prefix}/data/{key}")
-    return data, storage_type.dtype.newbyteorder("<")
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
+            and isinstance(pid[4], int) and not isinstance(pid[4], bool) and pid[4] >= 0):
+      raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.120}")
+    _, storage_type, key, _location, numel = pid
+    name = f"{self._prefix}/data/{key}"
+    try:
+      info = self._archive.getinfo(name)
+    except KeyError:
+      raise pickle.UnpicklingError(f"storage {key!r} is missing from the archive") from None
+    if info.file_size > MAX_STORAGE_BYTES:
+      raise pickle.UnpicklingError(f"storage {key!r} of {info.file_size} bytes is over the limit")
+    data = self._archive.read(name)
+    itemsize = storage_type.dtype.itemsize
+    if len(data) != numel * itemsize:
+      raise pickle.UnpicklingError(f"storage {key!r} holds {len(data)} bytes, not {numel} x "
+                                   f"{itemsize}")
+    return data, storage_type.dtype
 
 
-def read_state_dict(path: str) -> dict[str, Any]:
-  """Tensors of a PyTorch zip checkpoint as numpy arrays, never executing pickled code."""
-  with zipfile.ZipFile(path) as archive:
-    pkls = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-    if len(pkls) != 1:
-      raise ValueError(f"{path} is not a PyTorch zip checkpoint (found {pkls})")
-    prefix = pkls[0][: -len("/data.pkl")]
-    with archive.open(pkls[0]) as f:
-      return dict(_SafeUnpickler(f, archive, prefix).load())
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Tensors of a PyTorch zip checkpoint as numpy arrays, never executing pickled code.
+
+  Raises ``WeightFileError`` (naming ``path``) for anything but a well-formed tensor
+  state_dict: a truncated or corrupt archive, a foreign global, a tensor header that points
+  outside its storage.
+  """
+  try:
+    with zipfile.ZipFile(path) as archive:
+      pkls = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+      if len(pkls) != 1:
+        raise ValueError(f"not a PyTorch zip checkpoint (found {pkls})")
+      prefix = pkls[0][: -len("/data.pkl")]
+      with archive.open(pkls[0]) as f:
+        state = _SafeUnpickler(f, archive, prefix).load()
+  except OSError as e:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: no such weight file") from e
+    raise WeightFileError(f"{path}: cannot read it as a PyTorch checkpoint: {e}") from e
+  except (ValueError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError, IndexError,
+          TypeError, AttributeError, RecursionError, OverflowError, MemoryError,
+          NotImplementedError, UnicodeDecodeError, zlib_error) as e:
+    raise WeightFileError(f"{path}: not a valid tensor state_dict: {type(e).__name__}: "
+                          f"{str(e)[:300]}") from e
+  if not isinstance(state, dict) or not all(
+      isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()):
+    raise WeightFileError(f"{path}: the pickle holds a {type(state).__name__}, not a "
+                          "{name: tensor} state_dict")
+  return dict(state)
 
 
 def net_from_state_dict(state: dict[str, np.ndarray], kind: str, level: int = -1
@@ -105,6 +178,21 @@ def net_from_state_dict(state: dict[str, np.ndarray], kind: str, level: int = -1
   n = len(convs)
   if sorted(convs) != list(range(n)) or sorted(bns) != list(range(n - 2)):
     raise ValueError(f"incomplete BF-CNN: conv layers {sorted(convs)}, BN layers {sorted(bns)}")
+  for l in range(n):
+    w = convs[l]
+    if w.ndim != 4 or w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0:
+      raise ValueError(f"conv layer {l} has shape {w.shape}, not (out, in, k, k) with odd k")
+    if l and w.shape[1] != convs[l - 1].shape[0]:
+      raise ValueError(f"conv layer {l} takes {w.shape[1]} channels but layer {l - 1} gives "
+                       f"{convs[l - 1].shape[0]}")
+    if not np.all(np.isfinite(w)):
+      raise ValueError(f"conv layer {l} holds non-finite weights")
+  for l, bn in bns.items():
+    for field in ("gammas", "running_sd"):
+      if field not in bn or bn[field].shape != (convs[l + 1].shape[0],):
+        raise ValueError(f"BN layer {l}: {field} missing or not of {convs[l + 1].shape[0]} values")
+      if not np.all(np.isfinite(bn[field])):
+        raise ValueError(f"BN layer {l}: non-finite {field}")
   kernels = [convs[l].shape[2] for l in range(n)]
   spec = models.NetSpec(kind=kind, in_channels=convs[0].shape[1],
                         out_channels=convs[n - 1].shape[0], kernel_sizes=tuple(kernels),
@@ -120,8 +208,12 @@ def net_from_state_dict(state: dict[str, np.ndarray], kind: str, level: int = -1
 
 
 def read_net(path: str, kind: str, level: int = -1):
-  """(NetSpec, variables) of one released ``model.pt``."""
-  return net_from_state_dict(read_state_dict(path), kind, level)
+  """(NetSpec, variables) of one released ``model.pt``; errors name the file."""
+  state = read_state_dict(path)
+  try:
+    return net_from_state_dict(state, kind, level)
+  except (ValueError, IndexError, KeyError) as e:
+    raise WeightFileError(f"{path}: not a BF-CNN of this release: {e}") from e
 
 
 _RF_DIR = re.compile(r"RF_(\d+)x\d+(?:_scale_(\d+)|_(low))?$")

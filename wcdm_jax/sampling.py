@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from wcdm_jax import models, wavelets
+from wcdm_jax import denoising, models, validation, wavelets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,8 @@ class AscentConfig:
 
   h0: step size (first step when ``ascending``); beta in (0, 1]: injected noise (1 = none);
   sigma_0: std of the initial state; sigma_L: stop once 20 log10(std(y) / sigma_t) >=
-  20 log10(1 / sigma_L); abort_sigma: stop and flag a sample whose sigma_t exceeds it.
+  20 log10(1 / sigma_L); abort_sigma: stop and flag a sample whose sigma_t exceeds it (or is
+  not finite).
   """
   h0: float = 0.01
   beta: float = 0.5
@@ -40,8 +41,10 @@ class AscentConfig:
       raise ValueError(f"beta must be in (0, 1], got {self.beta}")
     if not 0 < self.h0 <= 1:
       raise ValueError(f"h0 must be in (0, 1], got {self.h0}")
-    if self.sigma_L <= 0 or self.max_steps < 1:
-      raise ValueError("sigma_L must be > 0 and max_steps >= 1")
+    validation.positive_int(self.max_steps, "max_steps")
+    for name in ("sigma_0", "sigma_L", "abort_sigma"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 # The release's settings (method.md §5 and the performance issue).
@@ -106,7 +109,7 @@ def ascent(keys: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], shape
     y_new = y - h * d + gamma.reshape(bshape) * z
     std = jnp.std(y_new, axis=axes, ddof=1)
     stop = 20.0 * jnp.log10(std / sigma) >= snr_stop
-    abort = sigma > cfg.abort_sigma
+    abort = (sigma > cfg.abort_sigma) | ~jnp.isfinite(sigma)  # diverged, or NaN / inf weights
     move = active & ~abort
     y = jnp.where(move.reshape(bshape), y_new, y)
     steps = jnp.where(move, t, steps)
@@ -129,14 +132,24 @@ def ascent(keys: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], shape
 
 def _keys(key: jax.Array, num_samples: int | None) -> jax.Array:
   """A batch of keys: ``key`` itself when it is already (B,), else split into num_samples."""
-  if key.ndim == 1 and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+  key = validation.key(key)
+  if num_samples is not None:
+    num_samples = validation.positive_int(num_samples, "num_samples")
+  batch = (key.ndim == 1 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key.ndim == 2)
+  if batch:
     if num_samples not in (None, key.shape[0]):
-      raise ValueError(f"got {key.shape[0]} keys but num_samples={num_samples}")
+      raise ValueError(f"got {key.shape[0]} keys but num_samples={num_samples}; pass one key "
+                       "or exactly num_samples keys")
     return key
-  n = 1 if num_samples is None else num_samples
-  if n < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  return jax.random.split(key, n)
+  if key.ndim > (0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1):
+    raise ValueError(f"key must be one key or a (B,) batch of keys, got shape {key.shape}")
+  return jax.random.split(key, 1 if num_samples is None else num_samples)
+
+
+def _check_config(cfg, name: str) -> AscentConfig:
+  if not isinstance(cfg, AscentConfig):
+    raise TypeError(f"{name} must be a wcdm_jax.AscentConfig, got {type(cfg).__name__}")
+  return cfg
 
 
 def _cond_configs(spec: models.ModelSpec, cond: AscentConfig | Sequence[AscentConfig] | None
@@ -145,7 +158,10 @@ def _cond_configs(spec: models.ModelSpec, cond: AscentConfig | Sequence[AscentCo
     return tuple(RELEASE_COND_FINEST if j == 0 else RELEASE_COND for j in range(spec.levels))
   if isinstance(cond, AscentConfig):
     return (cond,) * spec.levels
-  cond = tuple(cond)
+  if not isinstance(cond, Sequence):
+    raise TypeError(f"cond_config must be an AscentConfig or one per level, got "
+                    f"{type(cond).__name__}")
+  cond = tuple(_check_config(c, f"cond_config[{j}]") for j, c in enumerate(cond))
   if len(cond) != spec.levels:
     raise ValueError(f"need {spec.levels} conditional configs (finest first), got {len(cond)}")
   return cond
@@ -201,11 +217,15 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
   return_intermediates: also return ([x_J, ..., x_0], per-scale AscentInfo list, coarse
   first).
   """
+  denoising.check_params(params)
   spec = params.spec
   keys = _keys(key, num_samples)
-  h, w = tuple(image_size or spec.image_size)
+  h, w = validation.size(spec.image_size if image_size is None else image_size, "image_size")
   if spec.levels and spec.mode == wavelets.PERIODIZATION:
     wavelets.check_size(h, w, spec.levels)
+  if low_rescale is not None:
+    low_rescale = validation.float_range(low_rescale, "low_rescale")
+  _check_config(low_config, "low_config")
   shape = (h // 2 ** spec.levels, w // 2 ** spec.levels, spec.channels)
   low, low_info = _global_ascent(keys, params, shape, low_config, conv_impl)
   if low_rescale is not None:
@@ -225,12 +245,12 @@ def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array
   low_res: the normalised low-pass x_J (local averages, pixel units), e.g.
   ``wavelets.decompose(images, J).low``. key: one key or a (B,) batch of keys.
   """
+  denoising.check_params(params)
   spec = params.spec
   if spec.levels == 0:
     raise ValueError("super_resolve needs a multi-scale model (levels >= 1); these params hold "
                      "a flat denoiser")
-  if low_res.ndim != 4 or low_res.shape[-1] != spec.channels:
-    raise ValueError(f"low_res must be (B, h, w, {spec.channels}), got shape {low_res.shape}")
+  low_res = validation.images(low_res, "low_res", spec.channels)
   if tuple(low_res.shape[1:3]) == tuple(spec.image_size):
     s = spec.image_size
     raise ValueError(

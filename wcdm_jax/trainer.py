@@ -8,6 +8,7 @@ checkpoint, and the RNG and the data position are pure functions of the step.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -34,6 +35,16 @@ class RunConfig:
   noise_scale_batches: int = 20    # batches scanned for the cond nets' detail noise scale
   stop_after: int = 0              # stop (as if pre-empted) after this many steps; 0 = never
   figure: bool = True
+  allow_config_change: bool = False  # resume checkpoints made with other training settings
+  # (file name, text) pairs written into the workdir once everything is validated, e.g. the
+  # entry point's flags; an existing different file is kept as NAME.1, NAME.2, ...
+  record: tuple[tuple[str, str], ...] = ()
+
+
+# What a resumed run may change without ``allow_config_change``: how long it trains and how
+# the convolutions are computed. Anything else (batch, seed, learning rate, noise, data)
+# would silently continue another experiment.
+RESUMABLE_CHANGES = ("num_steps", "conv_impl", "remat")
 
 
 def _net_names(spec: models.ModelSpec, nets: Sequence[str]) -> list[str]:
@@ -45,15 +56,77 @@ def _net_names(spec: models.ModelSpec, nets: Sequence[str]) -> list[str]:
   return [n for n in names if n in chosen]
 
 
+def config_changes(meta: dict, cfg: training.TrainConfig, data_cfg: data.DataConfig) -> list[str]:
+  """'field: checkpoint X, this run Y' for every setting that differs from the checkpoint's."""
+  out = []
+  for key, current in (("train_config", dataclasses.asdict(cfg)),
+                       ("data_config", dataclasses.asdict(data_cfg))):
+    saved = meta.get(key) or {}
+    for field, value in current.items():
+      if key == "train_config" and field in RESUMABLE_CHANGES:
+        continue
+      if field in saved and saved[field] != value:
+        out.append(f"{field}: checkpoint {saved[field]!r}, this run {value!r}")
+  return out
+
+
+def _write_record(workdir: str, name: str, text: str) -> None:
+  """Write WORKDIR/name atomically; a different existing file is kept as name.1, name.2, ..."""
+  path = os.path.join(workdir, name)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      if f.read() == text:
+        return
+    k = 1
+    while os.path.exists(f"{path}.{k}"):
+      k += 1
+    os.replace(path, f"{path}.{k}")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def trim_metrics(path: str, steps: dict[str, int]) -> int:
+  """Drop metrics logged after each net's resumed step (they are about to be logged again).
+
+  steps: {net: step it resumes from}. Keys of other nets (another job's) are kept. Returns
+  the number of rows changed; the file is rewritten atomically, and only when needed.
+  """
+  if not os.path.exists(path) or not steps:
+    return 0
+  rows, changed = [], 0
+  for row in reporting.read_metrics(path):
+    drop = [k for k in row if "/" in k and k.split("/")[0] in steps
+            and row["step"] > steps[k.split("/")[0]]]
+    if not drop:
+      rows.append(row)
+      continue
+    changed += 1
+    kept = {k: v for k, v in row.items() if k not in drop}
+    if any("/" in k for k in kept):
+      rows.append(kept)
+  if changed:
+    with open(path + ".tmp", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+  return changed
+
+
 def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.TrainConfig,
           run: RunConfig, log=logging.info) -> dict[str, dict]:
-  """Train (or resume) the run's nets; returns each net's final metrics."""
+  """Train (or resume) the run's nets; returns each net's final metrics.
+
+  Everything is validated (spec vs the workdir's, data source, each checkpoint's integrity
+  and settings) before anything is written. Raises ``checkpoints.NonFiniteError`` when a
+  loss or the parameters turn non-finite; nothing non-finite is saved, so rerunning resumes
+  from the last good checkpoint.
+  """
   mesh = training.make_mesh()
   n_dev = mesh.devices.size
   if cfg.batch_size % n_dev:
     raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {n_dev} devices")
   names = _net_names(spec, run.nets)
-  checkpoints.write_spec(run.workdir, spec)
+  checkpoints.check_spec(run.workdir, spec)
   pi, pc = jax.process_index(), jax.process_count()
   source = data.make_source(data_cfg, cfg.batch_size, cfg.seed, "train", pi, pc)
   eval_images = jnp.asarray(data.make_source(data_cfg, run.eval_batch_size, cfg.seed + 1,
@@ -61,36 +134,97 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
   log(f"devices: {n_dev} ({jax.devices()[0].platform}); hosts: {pc}; nets: {names}; "
       f"global batch {cfg.batch_size}")
 
-  # Noise scale of each conditional net: largest detail magnitude in the training data.
-  scales = training.detail_noise_scales(
-      spec, [source.batch(i) for i in range(run.noise_scale_batches)]) if spec.levels else {}
-
-  nets = {}
+  scales = None  # noise scale of each conditional net: largest detail magnitude in the data
+  nets, resumed, corrupt = {}, {}, {}
   for idx, name in enumerate(names):
     net = spec.nets[name]
     tx = training.make_optimizer(spec, name, cfg)
     mngr = checkpoints.manager(run.workdir, name, run.keep_checkpoints)
     state = training.init_state(jax.random.fold_in(jax.random.key(cfg.seed), 1000 + idx), net, tx)
-    meta = {"net": name, "noise_scale": scales.get(name, 1.0),
-            "train_config": dataclasses.asdict(cfg), "data_config": dataclasses.asdict(data_cfg)}
-    if mngr.latest_step() is not None:
-      state_dict, meta = checkpoints.restore(mngr, training.replicate(state.as_dict(), mesh))
+    if mngr.all_steps():
+      try:
+        target = training.replicate(state.as_dict(), mesh)
+        items, meta, step, skipped = checkpoints.restore_intact(mngr, {
+            "state": target, "model": {k: target[k] for k in ("params", "batch_stats")}})
+        state_dict = items["state"]
+      except checkpoints.CheckpointError as e:
+        raise checkpoints.CheckpointError(
+            f"net {name!r}: {e}. Move {mngr.directory} aside to train this net afresh") from e
+      changes = config_changes(meta, cfg, data_cfg)
+      if changes and not run.allow_config_change:
+        raise ValueError(
+            f"{run.workdir}: the checkpoints of net {name!r} were made with other settings ("
+            + "; ".join(changes) + "). Rerun with the same settings (see train.flags there), use "
+            "a new workdir, or allow the change explicitly (--allow_config_change)")
+      for s, why in skipped:
+        log(f"{name}: skipping checkpoint step {s} ({why})")
+      if changes:
+        log(f"{name}: continuing with changed settings: " + "; ".join(changes))
+      corrupt[name] = [s for s, _ in skipped]
       state = training.TrainState(**state_dict)
-      log(f"{name}: resumed at step {int(state.step)} from {mngr.directory}")
-    state = training.replicate(state, mesh)
-    step_fn = training.make_train_step(spec, name, tx, cfg, mesh, meta["noise_scale"])
-    nets[name] = dict(idx=list(spec.nets).index(name), state=state, mngr=mngr, meta=meta,
-                      step_fn=step_fn, total=training.net_num_steps(spec, name, cfg))
+      resumed[name] = step
+      meta = dict(meta, train_config=dataclasses.asdict(cfg),
+                  data_config=dataclasses.asdict(data_cfg))
+    else:
+      if scales is None:
+        scales = training.detail_noise_scales(
+            spec, [source.batch(i) for i in range(run.noise_scale_batches)]) if spec.levels else {}
+      meta = {"net": name, "noise_scale": scales.get(name, 1.0),
+              "train_config": dataclasses.asdict(cfg), "data_config": dataclasses.asdict(data_cfg)}
+    nets[name] = dict(idx=list(spec.nets).index(name), state=state, mngr=mngr, meta=meta, tx=tx,
+                      total=training.net_num_steps(spec, name, cfg))
 
-  writer = reporting.MetricsWriter(os.path.join(run.workdir, "metrics.jsonl"))
+  # Validated: now write.
+  checkpoints.write_spec(run.workdir, spec)
+  metrics_path = os.path.join(run.workdir, "metrics.jsonl")
+  if pi == 0:
+    for fname, text in run.record:
+      _write_record(run.workdir, fname, text)
+    for name, steps in corrupt.items():
+      for path in checkpoints.quarantine(nets[name]["mngr"], steps):
+        log(f"{name}: moved the corrupt checkpoint to {path}")
+    if trim_metrics(metrics_path, resumed):
+      log(f"metrics.jsonl: dropped rows after the resumed steps {resumed}")
+  for name, n in nets.items():
+    if corrupt.get(name):  # the manager cached the moved steps
+      n["mngr"].close()
+      n["mngr"] = checkpoints.manager(run.workdir, name, run.keep_checkpoints)
+    if name in resumed:
+      log(f"{name}: resumed at step {resumed[name]} from {n['mngr'].directory}")
+    n["state"] = training.replicate(n["state"], mesh)
+    n["step_fn"] = training.make_train_step(spec, name, n["tx"], cfg, mesh, n["meta"]["noise_scale"])
+  try:
+    final = _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, log)
+  finally:
+    for n in nets.values():
+      n["mngr"].wait_until_finished()
+      n["mngr"].close()
+  if run.figure and all(name in nets for name in spec.nets):
+    path = save_denoising_figure(spec, {k: nets[k]["state"].variables() for k in nets},
+                                 eval_images, os.path.join(run.workdir, "denoising.png"), log=log)
+    log(f"wrote {path}")
+  return final
+
+
+def _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, log):
+  """The training loop over global steps (nets at different steps catch up in turn)."""
+  writer = reporting.MetricsWriter(metrics_path)
   eval_fns = {name: jax.jit(lambda v, k, name=name: evaluation.scale_psnr(
       spec, name, v, eval_images, run.eval_sigma, k, cfg.conv_impl)) for name in names}
   start = min(int(n["state"].step) for n in nets.values())
   end = max(n["total"] for n in nets.values())
+  saved = {name: int(n["state"].step) for name, n in nets.items()}
   bar = reporting.ProgressBar(end, "train")
   bar.update(start)
   final: dict[str, dict] = {}
   t0, steps_done = time.time(), 0
+
+  def non_finite(name, what, step):
+    return checkpoints.NonFiniteError(
+        f"net {name!r}: {what} at step {step}. Nothing after step {saved[name]} is saved and the "
+        f"checkpoint there is intact: rerunning resumes from it. Lower the learning rate "
+        f"(--learning_rate) or check the data for non-finite pixels")
+
   for step in range(start, end):
     active = [n for n in names if int(nets[n]["state"].step) == step < nets[n]["total"]]
     if not active:
@@ -107,6 +241,9 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
     if done % run.log_every == 0 or last:
       rate = steps_done / (time.time() - t0)
       row = {f"{k}/loss": float(m["loss"]) for k, m in metrics.items()}
+      for k, v in row.items():
+        if not np.isfinite(v):
+          raise non_finite(k.split("/")[0], f"the loss is {v}", done)
       writer.write(done, steps_per_s=rate, **row)
       msg = " ".join(f"{k}={v:.4g}" for k, v in row.items())
       log(f"step {done}/{end} {rate:.2f} steps/s {msg}")
@@ -123,19 +260,16 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
     for name in active:
       n = nets[name]
       if done % run.checkpoint_every == 0 or last or done == n["total"]:
-        meta = dict(n["meta"], data_position=done)
-        checkpoints.save(n["mngr"], done, n["state"].as_dict(), meta)
+        try:
+          checkpoints.save(n["mngr"], done, n["state"].as_dict(),
+                           dict(n["meta"], data_position=done))
+        except checkpoints.NonFiniteError as e:
+          raise non_finite(name, "the parameters hold NaN or inf", done) from e
+        saved[name] = done
     if last and done != end:
       log(f"stopping after {steps_done} steps at step {done} (stop_after)")
       break
   bar.close()
-  for n in nets.values():
-    n["mngr"].wait_until_finished()
-    n["mngr"].close()
-  if run.figure and all(name in nets for name in spec.nets):
-    path = save_denoising_figure(spec, {k: nets[k]["state"].variables() for k in nets},
-                                 eval_images, os.path.join(run.workdir, "denoising.png"), log=log)
-    log(f"wrote {path}")
   return final
 
 

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pywt
+
+from wcdm_jax import validation
 from flax import struct
 
 PERIODIZATION = "periodization"
@@ -51,11 +53,17 @@ class Pyramid:
 def _filters(wavelet: str) -> tuple[np.ndarray, np.ndarray]:
   try:
     w = pywt.Wavelet(wavelet)
-  except ValueError as e:
+  except (ValueError, TypeError) as e:
     raise ValueError(f"unknown wavelet {wavelet!r}; use one of pywt.wavelist(kind='discrete')") from e
   if not w.orthogonal:
     raise ValueError(f"wavelet {wavelet!r} is not orthogonal; use e.g. 'haar', 'db2', 'sym4', 'coif1'")
   return np.asarray(w.dec_lo, np.float64), np.asarray(w.dec_hi, np.float64)
+
+
+def check_wavelet(wavelet: str, mode: str = PERIODIZATION) -> None:
+  """Raise a ValueError naming what to use when ``wavelet`` / ``mode`` cannot be used."""
+  _filters(wavelet)
+  _check_mode(mode)
 
 
 def _check_mode(mode: str) -> None:
@@ -199,10 +207,9 @@ def analysis(images: jax.Array, levels: int, wavelet: str = "haar", mode: str = 
   lows[j] is the normalised low-pass of level j, (B, H/2^(j+1), W/2^(j+1), C): the
   conditioning image of the level-j conditional denoiser; details[j] its detail bands.
   """
-  if images.ndim != 4:
-    raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
-  if levels < 1:
-    raise ValueError(f"levels must be >= 1, got {levels}")
+  validation.images(images, "images")
+  validation.positive_int(levels, "levels")
+  check_wavelet(wavelet, mode)
   if mode == PERIODIZATION:
     check_size(images.shape[1], images.shape[2], levels)
   lows, details = [], []

@@ -23,6 +23,10 @@
 
 namespace ffi = xla::ffi;
 
+// Kernel-gradient partial sums: a fixed count, so the summation order never depends on the
+// number of threads (results are bit-identical run to run and across thread counts).
+constexpr int64_t kWgradChunks = 16;
+
 #ifndef WCDM_WINO_TILES
 #define WCDM_WINO_TILES 24  // Winograd tiles per work item (at least one row of tiles)
 #endif
@@ -356,16 +360,24 @@ ffi::Error ConvWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const int64_t size = k * k * s.ci * s.co;
   const int64_t band = std::max<int64_t>(1, std::min<int64_t>(s.h, 512 / s.w));  // ~512 pixels
   const int64_t bands = (s.h + band - 1) / band;
-  const int workers = NumWorkers(pool);
-  std::vector<float> partial(static_cast<size_t>(workers) * size, 0.f);
+  // Deterministic: the items (image, row band) are cut into a fixed number of contiguous
+  // chunks that depends on the shape alone; each chunk sums its items in order into its own
+  // partial buffer, and the partials are added in chunk order. Which thread runs a chunk, and
+  // how many threads there are, never changes the result.
+  const int64_t items = s.b * bands;
+  const int64_t chunks = std::min<int64_t>(items, kWgradChunks);
+  std::vector<float> partial(static_cast<size_t>(chunks) * size, 0.f);
   const float *xp = x.typed_data(), *gp = g.typed_data();
-  ParallelFor(pool, s.b * bands, workers, [&](int64_t item, int id) {
-    const int64_t b = item / bands, i0 = (item % bands) * band;
-    WgradRows(s, xp, gp, partial.data() + id * size, b, i0, std::min(s.h, i0 + band));
+  ParallelFor(pool, chunks, NumWorkers(pool), [&](int64_t chunk, int) {
+    const int64_t first = chunk * items / chunks, last = (chunk + 1) * items / chunks;
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t b = item / bands, i0 = (item % bands) * band;
+      WgradRows(s, xp, gp, partial.data() + chunk * size, b, i0, std::min(s.h, i0 + band));
+    }
   });
   float* out = dw->typed_data();
   std::memcpy(out, partial.data(), sizeof(float) * size);
-  for (int t = 1; t < workers; ++t)
+  for (int64_t t = 1; t < chunks; ++t)
     for (int64_t q = 0; q < size; ++q) out[q] += partial[t * size + q];
   return ffi::Error::Success();
 }

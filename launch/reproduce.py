@@ -1,0 +1,210 @@
+r"""Reproduce the paper's central result with models trained here, from scratch (method.md §6).
+
+  python launch/reproduce.py --flagfile=launch/configs/repro80.flags
+
+Trains, with the same budget of images seen per net:
+  flat_rf{S}, flat_rf{L}  flat denoisers with a small (S, default 9) and a large (L, 43) RF;
+  ms_rf{S}                a J-level model: the global low-pass net and conditional nets of RF S;
+  ms_rf{L}                conditional nets of RF L sharing ms_rf{S}'s low-pass net (trained once);
+  colour                  the J-level RF S model on 3 channels (its own, usually smaller, budget);
+then evaluates every grey model on the held-out files (launch/evaluate.py, --split=eval) and
+writes into --workdir: eval/psnr.json + psnr.png (output vs input PSNR), curves.png (each
+net's per-scale PSNR against steps), colour/samples/ (denoising row, samples,
+super-resolution) and summary.json, which marks the paper's three claims held / not held.
+
+Every stage is a run of launch/train.py, evaluate.py or sample.py (their logs in
+--workdir/logs/); rerunning the command resumes the training runs and redoes the rest.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+from launch import common  # pylint: disable=g-import-not-at-top
+
+LAUNCH = os.path.dirname(os.path.abspath(__file__))
+STAGES = ("flat_small", "flat_large", "ms_small", "ms_large", "colour", "evaluate", "figures")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Root directory of the experiment.")
+flags.mark_flag_as_required("workdir")
+flags.DEFINE_list("stages", list(STAGES), f"Stages to run, in this order: {','.join(STAGES)}.")
+# Data.
+flags.DEFINE_string("data", "folder:../shared/data/celeba-small", "Training images (train.py's "
+                    "--data); the last --eval_fraction of a folder is held out for evaluation.")
+flags.DEFINE_integer("image_size", 80, "Image size.", lower_bound=4)
+flags.DEFINE_enum("crop", "celeba", ["none", "celeba", "center"], "Crop before resizing.")
+flags.DEFINE_float("eval_fraction", 0.1, "Held-out share of the folder.", lower_bound=0.01,
+                   upper_bound=0.5)
+# Architecture.
+flags.DEFINE_integer("levels", 2, "Wavelet levels J of the multi-scale models.", lower_bound=1)
+flags.DEFINE_integer("small_rf", 9, "Small receptive field (flat and conditional nets).")
+flags.DEFINE_integer("large_rf", 43, "Large receptive field (flat and conditional nets).")
+flags.DEFINE_integer("low_rf", 41, "Receptive field of the low-pass net.")
+flags.DEFINE_integer("num_layers", 21, "Layers of the flat and conditional nets.", lower_bound=2)
+flags.DEFINE_integer("low_num_layers", 20, "Layers of the low-pass net.", lower_bound=2)
+flags.DEFINE_integer("features", 64, "Hidden channels.", lower_bound=1)
+# Optimisation: the same for every net (level_multiplier 1: the same images seen per net).
+flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer("num_steps", 1000, "Steps of every grey net.", lower_bound=1)
+flags.DEFINE_integer("lr_halve_every", 300, "Steps between learning-rate halvings.", lower_bound=1)
+flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0.0)
+flags.DEFINE_integer("colour_steps", 500, "Steps of every net of the colour model.",
+                     lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seed of every run.")
+flags.DEFINE_integer("log_every", 25, "Training: steps between log lines.", lower_bound=1)
+flags.DEFINE_integer("eval_every", 50, "Training: steps between per-scale PSNR evaluations.",
+                     lower_bound=1)
+flags.DEFINE_integer("checkpoint_every", 250, "Training: steps between checkpoints.",
+                     lower_bound=1)
+flags.DEFINE_string("conv_impl", "auto", "train.py's --conv_impl.")
+# Evaluation.
+flags.DEFINE_integer("eval_images", 256, "Held-out images for the PSNR curves.", lower_bound=1)
+flags.DEFINE_list("noise_levels", ["0", "20", "40", "60", "100", "160", "260", "400", "640"],
+                  "Noise stds (/255) of the PSNR curves.")
+flags.DEFINE_integer("colour_samples", 8, "Samples drawn from the colour model.", lower_bound=0)
+flags.DEFINE_integer("low_max_steps", 3000, "Colour samples: low-pass ascent step cap.",
+                     lower_bound=1)
+
+
+def _names():
+  s, l = FLAGS.small_rf, FLAGS.large_rf
+  return {"flat_small": f"flat_rf{s}", "flat_large": f"flat_rf{l}", "ms_small": f"ms_rf{s}",
+          "ms_large": f"ms_rf{l}", "colour": f"colour_ms_rf{s}"}
+
+
+def _run(script: str, args: list[str], log_name: str) -> None:
+  """Run launch/<script> with ``args``; its output goes to the console and WORKDIR/logs/."""
+  os.makedirs(os.path.join(FLAGS.workdir, "logs"), exist_ok=True)
+  log_path = os.path.join(FLAGS.workdir, "logs", log_name + ".log")
+  cmd = [sys.executable, os.path.join(LAUNCH, script)] + args
+  common.log(f"{log_name}: {' '.join(cmd[1:])}")
+  t0 = time.time()
+  with open(log_path, "a") as log_file:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+      log_file.write(line)
+      log_file.flush()
+    rc = proc.wait()
+  if rc:
+    raise RuntimeError(f"stage {log_name} failed (exit {rc}); see {log_path}")
+  common.log(f"{log_name}: done in {time.time() - t0:.0f} s")
+
+
+def _train_args(name: str, steps: int, colour: bool = False) -> list[str]:
+  return [f"--workdir={os.path.join(FLAGS.workdir, name)}", f"--data={FLAGS.data}",
+          f"--image_size={FLAGS.image_size}", f"--crop={FLAGS.crop}",
+          f"--eval_fraction={FLAGS.eval_fraction}", f"--color={'colour' if colour else 'grey'}",
+          f"--num_layers={FLAGS.num_layers}", f"--low_num_layers={FLAGS.low_num_layers}",
+          f"--low_rf={FLAGS.low_rf}", f"--features={FLAGS.features}",
+          f"--batch_size={FLAGS.batch_size}", f"--num_steps={steps}",
+          f"--learning_rate={FLAGS.learning_rate}",
+          f"--lr_halve_every={FLAGS.lr_halve_every * steps // FLAGS.num_steps or 1}",
+          "--level_multiplier=1", f"--seed={FLAGS.seed}", f"--log_every={FLAGS.log_every}",
+          f"--eval_every={FLAGS.eval_every}", f"--checkpoint_every={FLAGS.checkpoint_every}",
+          f"--conv_impl={FLAGS.conv_impl}"]
+
+
+def _copy_low_net(src_model: str, dst_model: str) -> None:
+  """Give dst_model the low-pass net of src_model (the same spec), replacing an older copy."""
+  src, dst = os.path.join(src_model, "low"), os.path.join(dst_model, "low")
+  if not os.path.isdir(src):
+    raise RuntimeError(f"{src} does not exist: run the ms_small stage first")
+  tmp = dst + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(src, tmp)
+  shutil.rmtree(dst, ignore_errors=True)
+  os.replace(tmp, dst)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+  bad = [s for s in FLAGS.stages if s not in STAGES]
+  if bad:
+    raise app.UsageError(f"--stages: unknown {bad}; choose from {','.join(STAGES)}")
+  if FLAGS.small_rf >= FLAGS.large_rf:
+    raise app.UsageError(f"--small_rf ({FLAGS.small_rf}) must be below --large_rf "
+                         f"({FLAGS.large_rf})")
+  if not FLAGS.data.startswith("folder:"):
+    raise app.UsageError("--data must be 'folder:/path': the held-out files of the folder are "
+                         "the test set")
+  common.setup_logging()
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  common.write_flags(FLAGS, os.path.join(FLAGS.workdir, "reproduce.flags"))
+  names = _names()
+  path = lambda stage: os.path.join(FLAGS.workdir, names[stage])
+  levels = f"--levels={FLAGS.levels}"
+  stages = [s for s in STAGES if s in FLAGS.stages]
+  for stage in stages:
+    if stage == "flat_small":
+      _run("train.py", _train_args(names[stage], FLAGS.num_steps) +
+           ["--levels=0", f"--flat_rf={FLAGS.small_rf}"], stage)
+    elif stage == "flat_large":
+      _run("train.py", _train_args(names[stage], FLAGS.num_steps) +
+           ["--levels=0", f"--flat_rf={FLAGS.large_rf}"], stage)
+    elif stage == "ms_small":
+      _run("train.py", _train_args(names[stage], FLAGS.num_steps) +
+           [levels, f"--cond_rf={FLAGS.small_rf}"], stage)
+    elif stage == "ms_large":
+      conds = ",".join(f"cond{j}" for j in range(FLAGS.levels))
+      _run("train.py", _train_args(names[stage], FLAGS.num_steps) +
+           [levels, f"--cond_rf={FLAGS.large_rf}", f"--nets={conds}"], stage)
+      _copy_low_net(path("ms_small"), path("ms_large"))
+    elif stage == "colour":
+      _run("train.py", _train_args(names[stage], FLAGS.colour_steps, colour=True) +
+           [levels, f"--cond_rf={FLAGS.small_rf}"], stage)
+    elif stage == "evaluate":
+      grey = ("flat_small", "flat_large", "ms_small", "ms_large")
+      _run("evaluate.py", _eval_args([path(s) for s in grey], [names[s] for s in grey], "eval"),
+           stage)
+      if os.path.isdir(path("colour")):
+        _run("evaluate.py", _eval_args([path("colour")], [names["colour"]], "eval_colour"),
+             stage + "_colour")
+    elif stage == "figures":
+      _figures(names, path)
+
+
+def _eval_args(models: list[str], labels: list[str], out: str) -> list[str]:
+  return [f"--models={','.join(models)}", f"--names={','.join(labels)}",
+          f"--images={FLAGS.data}", f"--crop={FLAGS.crop}", f"--image_size={FLAGS.image_size}",
+          "--split=eval", f"--eval_fraction={FLAGS.eval_fraction}",
+          f"--num_images={FLAGS.eval_images}", f"--noise_levels={','.join(FLAGS.noise_levels)}",
+          f"--seed={FLAGS.seed}", f"--out={os.path.join(FLAGS.workdir, out)}"]
+
+
+def _figures(names: dict, path) -> None:
+  from wcdm_jax import evaluation, plots, reporting  # pylint: disable=g-import-not-at-top
+  metrics = {names[s]: reporting.read_metrics(os.path.join(path(s), "metrics.jsonl"))
+             for s in names if os.path.exists(os.path.join(path(s), "metrics.jsonl"))}
+  common.log("wrote " + plots.training_curves(metrics, os.path.join(FLAGS.workdir, "curves.png")))
+  if os.path.isdir(path("colour")) and FLAGS.colour_samples:
+    _run("sample.py", [f"--model={path('colour')}", f"--out={os.path.join(path('colour'), 'samples')}",
+                       f"--num_samples={FLAGS.colour_samples}", f"--seed={FLAGS.seed}",
+                       "--low_beta=0.1", "--low_sigma_L=0.05", "--low_ascending",
+                       f"--low_max_steps={FLAGS.low_max_steps}", "--low_rescale=0,0.8",
+                       f"--images={FLAGS.data}", f"--crop={FLAGS.crop}", "--num_images=6",
+                       "--noise_sigmas=0.1,0.2,0.4"], "colour_samples")
+  with open(os.path.join(FLAGS.workdir, "eval", "psnr.json")) as f:
+    results = json.load(f)["models"]
+  summary = evaluation.multiscale_claims(
+      results, flat_small=names["flat_small"], flat_large=names["flat_large"],
+      ms_small=names["ms_small"], ms_large=names["ms_large"])
+  summary["budget"] = {"images_per_net": FLAGS.num_steps * FLAGS.batch_size,
+                       "colour_images_per_net": FLAGS.colour_steps * FLAGS.batch_size,
+                       "batch_size": FLAGS.batch_size, "features": FLAGS.features}
+  with open(os.path.join(FLAGS.workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  for claim in summary["claims"]:
+    common.log(f"{'HELD' if claim['held'] else 'NOT HELD'}: {claim['claim']} ({claim['detail']})")
+  common.log(f"wrote {os.path.join(FLAGS.workdir, 'summary.json')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
