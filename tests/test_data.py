@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import numpy as np
@@ -89,3 +90,40 @@ def test_tfds_source_with_mock_data():
 def test_unknown_source():
   with pytest.raises(ValueError, match="unknown data source"):
     data.make_source(data.DataConfig(source="s3://x"), 4)
+
+
+def _host_shares_equal_global(make, steps=range(4), hosts=2):
+  """Each host's share of step s, concatenated over hosts, is the single-host batch."""
+  for step in steps:
+    whole = make(0, 1).batch(step)
+    shares = [make(i, hosts).batch(step) for i in range(hosts)]
+    np.testing.assert_array_equal(np.concatenate(shares), whole)
+
+
+def test_every_source_shards_hosts_exactly(tmp_path):
+  _write_images(str(tmp_path), n=12, size=(20, 20))
+  for cfg in (data.DataConfig(image_size=16, flips=True),
+              data.DataConfig(source=f"folder:{tmp_path}", image_size=16, flips=True,
+                              eval_fraction=0.0)):
+    _host_shares_equal_global(lambda i, n, cfg=cfg: data.make_source(cfg, 8, 3, "train", i, n))
+  # The flips really happen (else the check above would be vacuous for them).
+  cfg = data.DataConfig(source=f"folder:{tmp_path}", image_size=16, eval_fraction=0.0)
+  flipped = data.make_source(cfg, 8, 3).batch(0)
+  plain = data.make_source(dataclasses.replace(cfg, flips=False), 8, 3).batch(0)
+  assert not np.array_equal(flipped, plain)
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    cfg = data.DataConfig(source="tfds:celeb_a", image_size=16, crop="celeba", flips=True)
+    _host_shares_equal_global(lambda i, n: data.make_source(cfg, 4, 3, "train", i, n))
+
+
+def test_colour_decoding_keeps_channel_values(tmp_path):
+  img = np.zeros((20, 20, 3), np.uint8)
+  img[..., 0], img[..., 1], img[..., 2] = 200, 100, 50
+  Image.fromarray(img).save(tmp_path / "c.png")
+  cfg = data.DataConfig(source=f"folder:{tmp_path}", image_size=20, channels=3,
+                        eval_fraction=0.0, flips=False)
+  batch = data.make_source(cfg, 1, split="all").batch(0)
+  np.testing.assert_allclose(batch[0, 5, 5], [200 / 255, 100 / 255, 50 / 255], atol=1e-6)
+  grey = data.make_source(dataclasses.replace(cfg, channels=1), 1, split="all").batch(0)
+  np.testing.assert_allclose(grey[0, 5, 5, 0], 350 / 3 / 255, atol=1e-6)

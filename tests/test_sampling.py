@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wcdm_jax import sampling
+import wcdm_jax
+from wcdm_jax import models, sampling, wavelets
 
 # --- A Gaussian prior with a known stationary covariance ---------------------------------------
 # x ~ N(0, S) on 16x16 periodic images, S diagonal in the unitary DFT basis with power
@@ -135,3 +136,86 @@ def test_explicit_initial_state_and_shapes():
   with pytest.raises(ValueError, match="y0 must have shape"):
     sampling.ascent(jax.random.split(jax.random.key(0), 2), lambda y: y, (4, 4, 1), cfg,
                     jnp.ones((3, 4, 4, 1)))
+
+
+# --- the coarse-to-fine chain, with conditional nets whose answer is known -----------------
+
+A = {0: (0.5, -0.25, 0.125), 1: (-1.0, 0.75, 0.3)}  # per level: detail = A[j][band] * low
+
+
+def _linear_cond_net(level):
+  """A 2-layer linear conditional net with f([c, yH, yV, yD]) = y - A[level] * c, so its
+  denoised details, y - f(y), are exactly A[level] * c whatever y is."""
+  spec = models.NetSpec("cond", 4, 3, (1, 1), features=4, level=level)
+  k1 = np.zeros((1, 1, 4, 3), np.float32)
+  for b in range(3):
+    k1[0, 0, 1 + b, b], k1[0, 0, 0, b] = 1.0, -A[level][b]
+  return spec, {"params": {"conv_0": {"kernel": np.eye(4, dtype=np.float32)[None, None]},
+                           "conv_1": {"kernel": k1}}, "batch_stats": {}}
+
+
+def _known_model():
+  low = models.low_spec(2, rf=5, num_layers=3, features=4)
+  (c0, v0), (c1, v1) = _linear_cond_net(0), _linear_cond_net(1)
+  spec = models.ModelSpec(low=low, conditionals=(c0, c1), image_size=(16, 16))
+  return models.ModelParams(low=models.init_net(jax.random.key(0), low), conditionals=(v0, v1),
+                            spec=spec)
+
+
+def _expected_chain(low):
+  """x_{j} = idwt(x_{j+1}, A[j] * x_{j+1}), coarse to fine, written out independently."""
+  x = low
+  for j in (1, 0):
+    details = jnp.concatenate([a * x for a in A[j]], -1)
+    x = wavelets.idwt_level(x, details)
+  return x
+
+
+def test_super_resolve_uses_each_levels_conditioning():
+  params = _known_model()
+  low = jax.random.uniform(jax.random.key(1), (2, 4, 4, 1))
+  cfg = sampling.AscentConfig(h0=0.5, beta=1.0, sigma_L=0.001, ascending=False, max_steps=50)
+  out, scales, _ = sampling.super_resolve(jax.random.key(0), params, low, cond_config=cfg,
+                                          return_intermediates=True)
+  np.testing.assert_allclose(out, _expected_chain(low), rtol=1e-5, atol=1e-6)
+  # Each level's details are its multiples of the current (not the original) low-pass.
+  pyr = wcdm_jax.decompose(out, 2)
+  np.testing.assert_allclose(pyr.details[0][..., 1:2], A[0][1] * scales[1], rtol=1e-5, atol=1e-6)
+
+
+def test_multiscale_denoise_conditions_on_the_denoised_low_pass():
+  params = _known_model()
+  noisy = jax.random.uniform(jax.random.key(2), (2, 16, 16, 1))
+  out, scales = wcdm_jax.denoise(params, noisy, return_scales=True)
+  np.testing.assert_allclose(out, _expected_chain(scales[0]), rtol=1e-5, atol=1e-6)
+
+
+def _checkerboard(n=8):
+  return jnp.asarray((-1.0) ** np.add.outer(np.arange(n), np.arange(n)), jnp.float32)[None, ..., None]
+
+
+def test_stop_rule_analytically():
+  """f(y) = rms(y) y, beta = 1, fixed h: the stop step follows from the recurrence alone."""
+  cfg = sampling.AscentConfig(h0=0.5, beta=1.0, sigma_L=0.1, ascending=False, max_steps=1000)
+  f = lambda y: jnp.sqrt(jnp.mean(jnp.square(y), (1, 2, 3), keepdims=True)) * y
+  y0 = _checkerboard()
+  out, info = sampling.ascent(jax.random.split(jax.random.key(0), 1), f, (8, 8, 1), cfg, y0)
+  n, r, t = 64, 1.0, 0
+  while True:  # rms r_t of the zero-mean checkerboard; sigma_t = r_{t-1}^2
+    t += 1
+    sigma, r = r * r, r * (1 - 0.5 * r)  # d = r y, y <- y - h d
+    std = r * np.sqrt(n / (n - 1))
+    if 20 * np.log10(std / sigma) >= 20 * np.log10(1 / 0.1):
+      break
+  assert int(info.steps[0]) == t and bool(info.converged[0]) and not bool(info.aborted[0])
+  np.testing.assert_allclose(out, y0 * r * (1 - r), rtol=1e-4)  # y - f(y) = (1 - r) y
+
+
+def test_abort_rule_analytically():
+  """f(y) = -y with h = 0.5 grows y by 1.5 per step: sigma_t = 1.5^(t-1) passes 1.5 at t = 3."""
+  cfg = sampling.AscentConfig(h0=0.5, beta=1.0, sigma_L=0.01, ascending=False, max_steps=50)
+  out, info = sampling.ascent(jax.random.split(jax.random.key(0), 1), lambda y: -y, (8, 8, 1),
+                              cfg, _checkerboard())
+  assert bool(info.aborted[0]) and int(info.steps[0]) == 2  # step 3 aborted, not taken
+  np.testing.assert_allclose(np.asarray(info.sigmas[0, :3]), [1.0, 1.5, 2.25], rtol=1e-5)
+  np.testing.assert_allclose(out, 2 * 2.25 * _checkerboard(), rtol=1e-5)

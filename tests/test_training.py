@@ -1,10 +1,12 @@
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import wcdm_jax
-from wcdm_jax import data, models, trainer, training
+from wcdm_jax import checkpoints, data, models, trainer, training
 
 TINY = models.multiscale_spec(2, cond_rf=5, low_rf=7, image_size=(16, 16), num_layers=4,
                               low_num_layers=4, features=8)
@@ -54,11 +56,14 @@ def test_loss_decreases():
   assert after < 0.5 * before, (before, after)
 
 
+CFG = training.TrainConfig(batch_size=8, num_steps=6, lr_halve_every=3, level_multiplier=1)
+
+
 def _run(workdir, **kw):
-  cfg = training.TrainConfig(batch_size=8, num_steps=6, lr_halve_every=3, level_multiplier=1)
-  run = trainer.RunConfig(str(workdir), log_every=2, eval_every=3, checkpoint_every=2,
-                          eval_batch_size=4, noise_scale_batches=2, figure=False, **kw)
-  return trainer.train(TINY, data.DataConfig(image_size=16), cfg, run, log=lambda m: None)
+  kw = dict(dict(log_every=2, eval_every=3, checkpoint_every=2, eval_batch_size=4,
+                 noise_scale_batches=2, figure=False), **kw)
+  run = trainer.RunConfig(str(workdir), **kw)
+  return trainer.train(TINY, data.DataConfig(image_size=16), CFG, run, log=lambda m: None)
 
 
 def test_resume_is_identical(tmp_path):
@@ -126,3 +131,40 @@ def test_remat_same_gradients_less_memory():
     compiled = fn.lower(shapes["params"], shapes["batch_stats"], xs, ns).compile()
     temp.append(compiled.memory_analysis().temp_size_in_bytes)
   assert temp[1] < 0.8 * temp[0], temp  # 41% less for the paper's RF 9 net (bench_memory.py)
+
+
+@pytest.mark.parametrize("name,every", [("cond0", 3), ("cond1", 12), ("low", 12)])
+def test_learning_rate_halves_on_schedule(name, every):
+  """Adam's update for a constant gradient is the learning rate itself (bias-corrected
+  m / sqrt(v) = 1), so the update sizes read the schedule off: lr halves every
+  lr_halve_every * multiplier**level steps (cond1 and low are at level 1 of J = 2)."""
+  cfg = training.TrainConfig(learning_rate=1e-2, num_steps=30, lr_halve_every=3,
+                             level_multiplier=4.0)
+  tx = training.make_optimizer(TINY, name, cfg)
+  params = {"w": jnp.zeros(())}
+  state = tx.init(params)
+  sizes = []
+  for _ in range(2 * every + 2):
+    updates, state = tx.update({"w": jnp.ones(())}, state, params)
+    sizes.append(-float(updates["w"]))
+  want = [1e-2 * 0.5 ** (t // every) for t in range(2 * every + 2)]
+  np.testing.assert_allclose(sizes, want, rtol=1e-4)
+
+
+def test_nets_at_different_steps_keep_checkpoints_and_stop_after(tmp_path):
+  """Nets resumed at different steps catch up in turn and end as one uninterrupted run."""
+  _run(tmp_path / "full", checkpoint_every=1)
+  wd = tmp_path / "split"
+  _run(wd, stop_after=2, checkpoint_every=1)                   # every net at step 2
+  _run(wd, nets=("cond0",), stop_after=2, checkpoint_every=1)  # cond0 at 4, others at 2
+  steps = {n: checkpoints.manager(str(wd), n).latest_step() for n in TINY.nets}
+  assert steps == {"low": 2, "cond0": 4, "cond1": 2}
+  _run(wd, checkpoint_every=1, keep_checkpoints=2)
+  for n in TINY.nets:
+    mngr = checkpoints.manager(str(wd), n)
+    assert len(mngr.all_steps()) == 2 and mngr.latest_step() == training.net_num_steps(
+        TINY, n, CFG)
+    want = checkpoints.manager(str(tmp_path / "full"), n).latest_step()
+    with open(wd / n / str(want) / "meta" / "metadata") as a, \
+         open(tmp_path / "full" / n / str(want) / "meta" / "metadata") as b:
+      assert json.load(a)["checksums"] == json.load(b)["checksums"]

@@ -1,0 +1,50 @@
+"""launch/reproduce.py end to end at toy size: every stage, the files it writes, sane numbers."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from conftest import REPO
+
+
+def test_reproduce_toy(tmp_path):
+  rng = np.random.default_rng(0)
+  images = tmp_path / "images"
+  images.mkdir()
+  for i in range(40):  # smooth colour images: something to learn in a few steps
+    img = np.kron(rng.random((4, 4, 3)), np.ones((5, 5, 1)))
+    Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(images / f"{i:03d}.png")
+  wd = tmp_path / "repro"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  res = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "reproduce.py"), f"--workdir={wd}",
+       f"--data=folder:{images}", "--crop=center", "--image_size=16", "--levels=1",
+       "--small_rf=5", "--large_rf=7", "--low_rf=5", "--num_layers=3", "--low_num_layers=3",
+       "--features=8", "--batch_size=8", "--num_steps=30", "--lr_halve_every=15",
+       "--colour_steps=6", "--eval_images=4", "--noise_levels=0,20,260,640",
+       "--colour_samples=2", "--low_max_steps=10", "--log_every=10", "--eval_every=15",
+       "--checkpoint_every=30"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+  assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+  for f in ("reproduce.flags", "eval/psnr.json", "eval/psnr.png", "eval_colour/psnr.json",
+            "curves.png", "summary.json", "colour_ms_rf5/samples/samples.png",
+            "colour_ms_rf5/samples/denoising.png", "colour_ms_rf5/samples/superres.png",
+            "ms_rf7/low", "logs/ms_large.log"):
+    assert (wd / f).exists(), f
+  with open(wd / "eval" / "psnr.json") as f:
+    models = json.load(f)["models"]
+  assert sorted(models) == ["flat_rf5", "flat_rf7", "ms_rf5", "ms_rf7"]
+  for name, m in models.items():
+    out, pin = np.asarray(m["psnr_out"]), np.asarray(m["psnr_in"])
+    assert np.all(np.isfinite(out)), name
+    assert np.all(out[-2:] > pin[-2:]), (name, out, pin)  # denoised > noisy at high noise
+  summary = json.load(open(wd / "summary.json"))
+  assert [type(c["held"]) for c in summary["claims"]] == [bool] * 3
+  assert summary["budget"]["images_per_net"] == 240
+  colour = np.load(wd / "colour_ms_rf5" / "samples" / "samples.npz")
+  assert colour["samples"].shape == (2, 16, 16, 3)
+  # Colour end to end: the channels of the clean images differ, and so do the denoised ones.
+  den = colour["denoised_0.1"]
+  assert np.abs(den[..., 0] - den[..., 1]).mean() > 0.01
