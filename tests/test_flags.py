@@ -60,3 +60,11 @@ def test_every_flagfile_names_its_command_and_parses(name, tmp_path):
     res = _train(f"--flagfile={path}", f"--workdir={tmp_path}", "--dry_run", timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "cond0: RF" in res.stdout or "low: RF" in res.stdout
+  else:  # its command, parsed against the script's own flag definitions (names, types, enums)
+    argv = first.split()[2:]
+    module = argv[0][:-len(".py")].replace("/", ".")
+    code = (f"import sys; from absl import flags; import {module}; "
+            f"flags.FLAGS({argv!r}); print('parsed')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert res.returncode == 0 and "parsed" in res.stdout, res.stderr[-2000:]

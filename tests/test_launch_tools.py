@@ -4,19 +4,24 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import REPO, shared_path
+import wcdm_jax
 from wcdm_jax import data, models, trainer, training
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
+  """A small J = 1 model trained enough to denoise (60 steps)."""
   wd = str(tmp_path_factory.mktemp("tiny"))
   spec = models.multiscale_spec(1, cond_rf=5, low_rf=5, image_size=(16, 16), num_layers=3,
-                                low_num_layers=3, features=4)
-  cfg = training.TrainConfig(batch_size=4, num_steps=2, level_multiplier=1)
+                                low_num_layers=3, features=8)
+  cfg = training.TrainConfig(batch_size=16, num_steps=60, level_multiplier=1,
+                             learning_rate=3e-3, noise_max=128)
   trainer.train(spec, data.DataConfig(image_size=16), cfg,
                 trainer.RunConfig(wd, eval_batch_size=4, noise_scale_batches=1, figure=False),
                 log=lambda m: None)
@@ -38,9 +43,25 @@ def test_sample_tool(tiny_model, tmp_path):
   assert "images/min" in res.stdout
   for f in ("samples.png", "progression.png", "superres.png", "denoising.png", "samples.npz"):
     assert (tmp_path / f).exists(), f
-  arrays = np.load(tmp_path / "samples.npz")
-  assert arrays["samples"].shape == (2, 16, 16, 1)
-  assert arrays["super_resolved"].shape == (2, 16, 16, 1) and arrays["low_res"].shape == (2, 8, 8, 1)
+  a = np.load(tmp_path / "samples.npz")
+  assert a["samples"].shape == (2, 16, 16, 1)
+  assert a["super_resolved"].shape == (2, 16, 16, 1) and a["low_res"].shape == (2, 8, 8, 1)
+  # By value: the low-pass given is the clean images' and super-resolution keeps it exactly;
+  np.testing.assert_allclose(a["low_res"], wcdm_jax.decompose(a["clean"], 1).low, atol=1e-6)
+  np.testing.assert_allclose(wcdm_jax.decompose(a["super_resolved"], 1).low, a["low_res"],
+                             atol=1e-5)
+  # the sampled low-pass was min-max rescaled to [0, 0.8] before the details;
+  low = a["scale_0"].reshape(2, -1)
+  np.testing.assert_allclose(low.min(1), 0.0, atol=1e-6)
+  np.testing.assert_allclose(low.max(1), 0.8, atol=1e-6)
+  # the trained model's denoising improves PSNR.
+  for s in ("0.1", "0.2"):
+    assert _psnr(a[f"denoised_{s}"], a["clean"]) > _psnr(a[f"noisy_{s}"], a["clean"]) + 1.0
+
+
+def _psnr(x, ref):
+  mse = np.mean((np.asarray(x, np.float64) - ref) ** 2, axis=(1, 2, 3))
+  return float(np.mean(10 * np.log10(1.0 / mse)))
 
 
 def test_evaluate_tool(tiny_model, tmp_path):
@@ -51,6 +72,17 @@ def test_evaluate_tool(tiny_model, tmp_path):
   a, b = out["models"]["a"], out["models"]["b"]
   assert a["psnr_out"] == b["psnr_out"]  # fixed noise seeds: same model, same numbers
   assert a["psnr_in"][0] == pytest.approx(20 * np.log10(255 / 10), abs=0.3)
+  # By value: the tool's numbers are wcdm_jax.denoise's on the documented noise draws.
+  params = wcdm_jax.load_params(tiny_model)
+  images = data.make_source(data.DataConfig(image_size=16, eval_fraction=0.0, flips=False), 4,
+                            0, "eval").batch(0)
+  for i, sigma in enumerate((10 / 255, 50 / 255)):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), i), 0)
+    noisy = images + sigma * np.asarray(jax.random.normal(key, images.shape))
+    den = np.asarray(wcdm_jax.denoise(params, jnp.asarray(noisy)))
+    assert a["psnr_in"][i] == pytest.approx(_psnr(noisy, images), abs=1e-3)
+    assert a["psnr_out"][i] == pytest.approx(_psnr(den, images), abs=1e-3)
+  assert a["psnr_out"][1] > a["psnr_in"][1] + 1.0  # a trained model denoises
   assert (tmp_path / "psnr.png").exists() and (tmp_path / "filters.png").exists()
 
 
@@ -59,6 +91,5 @@ def test_import_tool(tmp_path):
   _run("import_lcv.py", f"--src={src}", f"--dst={tmp_path}",
        "--models=flat_celebA_160x160_gray_rf5,ms_celebA_160x160_gray_rf9")
   assert sorted(os.listdir(tmp_path)) == ["flat_celebA_160x160_gray_rf5", "ms_celebA_160x160_gray_rf9"]
-  import wcdm_jax  # pylint: disable=g-import-not-at-top
   p = wcdm_jax.load_params(str(tmp_path / "ms_celebA_160x160_gray_rf9"))
   assert p.spec.levels == 2 and p.spec.conditionals[0].rf == 9
