@@ -2,6 +2,7 @@
 import logging
 import os
 import sys
+import traceback
 
 from absl import logging as absl_logging
 
@@ -43,7 +44,10 @@ def require_finite(what: str, *arrays) -> None:
 
 
 def fail(error, code: int = 1) -> None:
-  """End the program with one line naming the problem (no traceback for a user's mistake)."""
+  """End the program with one line naming the problem (no traceback for a user's mistake;
+  set WCDM_JAX_TRACEBACK=1 to see one)."""
+  if os.environ.get("WCDM_JAX_TRACEBACK") and isinstance(error, BaseException):
+    traceback.print_exception(error)
   print(f"error: {error}", file=sys.stderr)
   sys.exit(code)
 

@@ -179,6 +179,19 @@ def _eval_args(models: list[str], labels: list[str], out: str) -> list[str]:
           f"--seed={FLAGS.seed}", f"--out={os.path.join(FLAGS.workdir, out)}"]
 
 
+def _markdown(results: dict, summary: dict) -> str:
+  """The PSNR table (models x noise levels) and the claims, as Markdown."""
+  levels = summary["noise_std_255"]
+  head = "| model | " + " | ".join(f"σ={s:g}" for s in levels) + " |\n"
+  head += "|---|" + "---|" * len(levels) + "\n"
+  rows = ["| input PSNR | " + " | ".join(f"{p:.2f}" for p in summary["psnr_in"]) + " |"]
+  rows += [f"| {name} | " + " | ".join(f"{p:.2f}" for p in r["psnr_out"]) + " |"
+           for name, r in results.items()]
+  claims = [f"- {'held' if c['held'] else 'not held'}: {c['claim']} ({c['detail']})"
+            for c in summary["claims"]]
+  return head + "\n".join(rows) + "\n\n" + "\n".join(claims) + "\n"
+
+
 def _figures(names: dict, path) -> None:
   from wcdm_jax import evaluation, plots, reporting  # pylint: disable=g-import-not-at-top
   metrics = {names[s]: reporting.read_metrics(os.path.join(path(s), "metrics.jsonl"))
@@ -201,6 +214,8 @@ def _figures(names: dict, path) -> None:
                        "batch_size": FLAGS.batch_size, "features": FLAGS.features}
   with open(os.path.join(FLAGS.workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
+  with open(os.path.join(FLAGS.workdir, "results.md"), "w") as f:
+    f.write(_markdown(results, summary))
   for claim in summary["claims"]:
     common.log(f"{'HELD' if claim['held'] else 'NOT HELD'}: {claim['claim']} ({claim['detail']})")
   common.log(f"wrote {os.path.join(FLAGS.workdir, 'summary.json')}")

@@ -29,6 +29,9 @@ flags.DEFINE_float("eval_fraction", 0.1, "Held-out share of a folder for evaluat
                    lower_bound=0.0, upper_bound=0.5)
 flags.DEFINE_integer("max_images", 0, "Use at most this many images (0 = all).", lower_bound=0)
 flags.DEFINE_bool("flips", True, "Random horizontal flips.")
+flags.DEFINE_float("max_bad_fraction", 0.01, "Share of a folder's files that may be unreadable "
+                   "(skipped with a warning naming them); more is an error.", lower_bound=0.0,
+                   upper_bound=1.0)
 # Model.
 flags.DEFINE_integer("levels", 2, "Wavelet levels J; 0 trains a flat denoiser.", lower_bound=0)
 flags.DEFINE_string("wavelet", "haar", "Orthogonal PyWavelets wavelet.")
@@ -89,7 +92,8 @@ def main(argv):
                                     FLAGS.wavelet, FLAGS.num_layers, FLAGS.low_num_layers,
                                     FLAGS.features, FLAGS.wavelet_mode)
     data_cfg = data.DataConfig(FLAGS.data, FLAGS.image_size, channels, FLAGS.crop,
-                               FLAGS.eval_fraction, FLAGS.flips, FLAGS.max_images)
+                               FLAGS.eval_fraction, FLAGS.flips, FLAGS.max_images,
+                               FLAGS.max_bad_fraction)
     cfg = training.TrainConfig(
         batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, num_steps=FLAGS.num_steps,
         lr_halve_every=FLAGS.lr_halve_every, level_multiplier=FLAGS.level_multiplier,

@@ -41,10 +41,10 @@ class RunConfig:
   record: tuple[tuple[str, str], ...] = ()
 
 
-# What a resumed run may change without ``allow_config_change``: how long it trains and how
-# the convolutions are computed. Anything else (batch, seed, learning rate, noise, data)
-# would silently continue another experiment.
-RESUMABLE_CHANGES = ("num_steps", "conv_impl", "remat")
+# What a resumed run may change without ``allow_config_change``: how long it trains, how the
+# convolutions are computed, how many unreadable files are tolerated. Anything else (batch,
+# seed, learning rate, noise, data) would silently continue another experiment.
+RESUMABLE_CHANGES = ("num_steps", "conv_impl", "remat", "max_bad_fraction")
 
 
 def _net_names(spec: models.ModelSpec, nets: Sequence[str]) -> list[str]:
@@ -63,7 +63,7 @@ def config_changes(meta: dict, cfg: training.TrainConfig, data_cfg: data.DataCon
                        ("data_config", dataclasses.asdict(data_cfg))):
     saved = meta.get(key) or {}
     for field, value in current.items():
-      if key == "train_config" and field in RESUMABLE_CHANGES:
+      if field in RESUMABLE_CHANGES:
         continue
       if field in saved and saved[field] != value:
         out.append(f"{field}: checkpoint {saved[field]!r}, this run {value!r}")
