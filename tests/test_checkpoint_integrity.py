@@ -1,4 +1,4 @@
-"""Corrupted checkpoints are detected, skipped with a message, and never used; NaN is never saved."""
+"""Corrupt checkpoints are detected, skipped with a message and never used; NaN is never saved."""
 import glob
 import os
 import shutil

@@ -28,9 +28,10 @@ def test_reproduce_toy(tmp_path):
        "--colour_samples=2", "--low_max_steps=10", "--log_every=10", "--eval_every=15",
        "--checkpoint_every=30"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
   assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
-  for f in ("reproduce.flags", "results.md", "eval/psnr.json", "eval/psnr.png", "eval_colour/psnr.json",
-            "curves.png", "summary.json", "colour_ms_rf5/samples/samples.png",
+  for f in ("reproduce.flags", "results.md", "eval/psnr.json", "eval/psnr.png",
+            "eval_colour/psnr.json", "curves.png", "summary.json", "colour_ms_rf5/samples/samples.png",
             "colour_ms_rf5/samples/denoising.png", "colour_ms_rf5/samples/superres.png",
+            "colour_ms_rf5/samples/denoised_samples.png", "ms_rf5/samples/samples.png",
             "ms_rf7/low", "logs/ms_large.log"):
     assert (wd / f).exists(), f
   with open(wd / "eval" / "psnr.json") as f:

@@ -191,7 +191,8 @@ def test_multiscale_denoise_conditions_on_the_denoised_low_pass():
 
 
 def _checkerboard(n=8):
-  return jnp.asarray((-1.0) ** np.add.outer(np.arange(n), np.arange(n)), jnp.float32)[None, ..., None]
+  board = (-1.0) ** np.add.outer(np.arange(n), np.arange(n))
+  return jnp.asarray(board, jnp.float32)[None, ..., None]
 
 
 def test_stop_rule_analytically():

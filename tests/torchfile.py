@@ -56,7 +56,8 @@ def _fake_torch():
   def _rebuild_tensor_v2(*args):
     raise AssertionError("only for pickling")
 
-  _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = "torch._utils", "_rebuild_tensor_v2"
+  _rebuild_tensor_v2.__module__ = "torch._utils"
+  _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
   utils._rebuild_tensor_v2 = _rebuild_tensor_v2  # pylint: disable=protected-access
   for name in set(_STORAGES.values()):
     setattr(torch, name, type(name, (), {"__module__": "torch"}))

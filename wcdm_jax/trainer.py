@@ -192,7 +192,8 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
     if name in resumed:
       log(f"{name}: resumed at step {resumed[name]} from {n['mngr'].directory}")
     n["state"] = training.replicate(n["state"], mesh)
-    n["step_fn"] = training.make_train_step(spec, name, n["tx"], cfg, mesh, n["meta"]["noise_scale"])
+    n["step_fn"] = training.make_train_step(spec, name, n["tx"], cfg, mesh,
+                                            n["meta"]["noise_scale"])
   try:
     final = _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, log)
   finally:
