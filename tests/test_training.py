@@ -168,3 +168,36 @@ def test_nets_at_different_steps_keep_checkpoints_and_stop_after(tmp_path):
     with open(wd / n / str(want) / "meta" / "metadata") as a, \
          open(tmp_path / "full" / n / str(want) / "meta" / "metadata") as b:
       assert json.load(a)["checksums"] == json.load(b)["checksums"]
+
+
+def test_each_net_sees_its_part_of_the_pyramid():
+  """flat: the image; low: the coarsest low-pass (times U(0, 1) when augmented); cond j: the
+  clean low-pass of level j beside the noisy details of level j."""
+  x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 1))
+  pyr = wcdm_jax.decompose(x, 2)
+  cfg = training.TrainConfig(intensity_augmentation=False)
+  noisy, noise = training.net_example(TINY, "low", x, jax.random.key(1), cfg)
+  np.testing.assert_allclose(noisy - noise, pyr.low, atol=1e-6)
+  for j in range(2):
+    noisy, noise = training.net_example(TINY, f"cond{j}", x, jax.random.key(1), cfg)
+    low_j = pyr.low if j == 1 else wcdm_jax.reconstruct(pyr, 1)
+    np.testing.assert_allclose(noisy[..., :1], low_j, atol=1e-6)
+    np.testing.assert_allclose(noisy[..., 1:] - noise, pyr.details[j], atol=1e-6)
+  aug, noise = training.net_example(TINY, "low", x, jax.random.key(1),
+                                    training.TrainConfig(intensity_augmentation=True))
+  ratio = (aug - noise)[..., 0] / pyr.low[..., 0]
+  assert float(jnp.std(ratio, (1, 2)).max()) < 1e-4  # one factor per image
+  assert 0 < float(ratio.min()) and float(ratio.max()) < 1
+
+
+def test_trim_metrics_drops_only_rows_after_each_nets_resumed_step(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": 2, "low/loss": 1.0, "cond0/loss": 2.0, "steps_per_s": 1.0},
+          {"step": 4, "low/loss": 3.0, "cond0/loss": 4.0, "steps_per_s": 1.0},
+          {"step": 6, "low/loss": 5.0, "other/loss": 9.0}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert trainer.trim_metrics(str(path), {"low": 2, "cond0": 4}) == 2
+  got = [json.loads(l) for l in path.read_text().splitlines()]
+  assert got == [rows[0], {"step": 4, "cond0/loss": 4.0, "steps_per_s": 1.0},
+                 {"step": 6, "other/loss": 9.0}]
+  assert trainer.trim_metrics(str(path), {"low": 2, "cond0": 4}) == 0  # nothing left to do
