@@ -19,5 +19,6 @@ quickstart: setup
 	$(PY) launch/train.py --flagfile=launch/configs/quickstart.flags
 	$(PY) launch/sample.py --flagfile=launch/configs/quickstart_sample.flags
 
+# One pytest worker per core (at most 4), each test file on one worker.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile tests
