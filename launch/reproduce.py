@@ -137,7 +137,9 @@ def main(argv):
                          "the test set")
   common.setup_logging()
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  common.write_flags(FLAGS, os.path.join(FLAGS.workdir, "reproduce.flags"))
+  full = set(FLAGS.stages) == set(STAGES)  # a partial rerun keeps the full run's record
+  common.write_flags(FLAGS, os.path.join(FLAGS.workdir, "reproduce.flags" if full
+                                         else "reproduce_partial.flags"))
   names = _names()
   path = lambda stage: os.path.join(FLAGS.workdir, names[stage])
   levels = f"--levels={FLAGS.levels}"
