@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import wcdm_jax
-from wcdm_jax import models, sampling, wavelets
+from wcdm_jax import evaluation, models, sampling, wavelets
 
 # --- A Gaussian prior with a known stationary covariance ---------------------------------------
 # x ~ N(0, S) on 16x16 periodic images, S diagonal in the unitary DFT basis with power
@@ -220,3 +220,45 @@ def test_abort_rule_analytically():
   assert bool(info.aborted[0]) and int(info.steps[0]) == 2  # step 3 aborted, not taken
   np.testing.assert_allclose(np.asarray(info.sigmas[0, :3]), [1.0, 1.5, 2.25], rtol=1e-5)
   np.testing.assert_allclose(out, 2 * 2.25 * _checkerboard(), rtol=1e-5)
+
+
+
+
+def _linear_flat(scale=0.25):
+  spec = models.NetSpec("flat", 1, 1, (1, 1), features=2)
+  k0 = np.array([[[[1.0, 0.0]]]], np.float32)
+  k1 = np.array([[[[scale], [0.0]]]], np.float32)
+  return models.ModelParams(
+      low={"params": {"conv_0": {"kernel": k0}, "conv_1": {"kernel": k1}}, "batch_stats": {}},
+      conditionals=(), spec=models.ModelSpec(low=spec, image_size=(8, 8)))
+
+
+def test_flat_denoise_subtracts_the_residual():
+  """A linear flat net with f(y) = 0.25 y: denoise gives y - f(y) = 0.75 y exactly."""
+  y = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
+  np.testing.assert_allclose(wcdm_jax.denoise(_linear_flat(), y), 0.75 * y, rtol=1e-6)
+
+
+def test_adaptive_filters_of_a_known_denoiser():
+  """denoise = 0.75 y: each Jacobian row is 0.75 at its own pixel and 0 elsewhere."""
+  noisy = jax.random.uniform(jax.random.key(0), (8, 8, 1))
+  rows = evaluation.adaptive_filters(_linear_flat(), noisy, [(2, 3), (5, 1)])
+  want = np.zeros((2, 8, 8))
+  want[0, 2, 3] = want[1, 5, 1] = 0.75
+  np.testing.assert_allclose(rows, want, atol=1e-6)
+
+
+def test_claims_thresholds():
+  def curve(out, pin=(20.0, -1.0, -5.0)):
+    return {"sigma": [0.1, 1.0, 2.0], "psnr_in": list(pin), "psnr_out": list(out)}
+  res = {"fs": curve([25, 10.0, 6.0]), "fl": curve([26, 12.0, 8.0]),
+         "ms": curve([25.5, 12.0, 8.0]), "ml": curve([25.69, 12.19, 7.81])}
+  got = evaluation.multiscale_claims(res, flat_small="fs", flat_large="fl", ms_small="ms",
+                                     ms_large="ml")
+  assert [c["held"] for c in got["claims"]] == [True, True, True]
+  res["ml"] = curve([25.71, 12.0, 8.0])  # 0.21 dB apart at one level
+  res["fs"] = curve([25, 10.01, 6.0])    # 1.99 dB below at one high-noise level
+  res["ms"] = curve([25.5, 12.0, 7.99])  # below flat RF 43 at one high-noise level
+  got = evaluation.multiscale_claims(res, flat_small="fs", flat_large="fl", ms_small="ms",
+                                     ms_large="ml")
+  assert [c["held"] for c in got["claims"]] == [False, False, False]
