@@ -78,7 +78,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
   common.setup_logging()
-  from wcdm_jax import checkpoints, data, models, trainer, training  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from wcdm_jax import checkpoints, data, models, trainer, training
   if FLAGS.noise_max < FLAGS.noise_min:
     raise app.UsageError("--noise_max must be >= --noise_min")
   channels = 1 if FLAGS.color == "grey" else 3

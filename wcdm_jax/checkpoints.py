@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from wcdm_jax import models
+from wcdm_jax import models, reporting
 
 SPEC_FILE = "spec.json"
 
@@ -43,10 +43,15 @@ class NonFiniteError(FloatingPointError):
 
 
 def _host(leaf: Any) -> np.ndarray:
-  """This process's copy of a (replicated) array, as numpy."""
+  """This process's copy of a (replicated) array, as numpy (numpy arrays pass as they are)."""
   if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
     leaf = leaf.addressable_data(0)
   return np.asarray(leaf)
+
+
+def host_tree(tree: Any) -> Any:
+  """The tree with every leaf copied to this host once (for checksums and checks)."""
+  return jax.tree.map(_host, tree)
 
 
 def tree_checksum(tree: Any) -> str:
@@ -90,10 +95,7 @@ def write_spec(directory: str, spec: models.ModelSpec) -> None:
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, SPEC_FILE)
   if jax.process_index() == 0:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(spec.to_json())
-    os.replace(tmp, path)
+    reporting.write_text_atomic(path, spec.to_json())
 
 
 def read_spec(directory: str) -> models.ModelSpec:
@@ -128,10 +130,11 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict | None, meta: dict,
   """
   if model is None:
     model = {"params": state["params"], "batch_stats": state["batch_stats"]}
-  if not all_finite(model):
+  host_model = host_tree(model)  # one device-to-host copy for both checks
+  if not all_finite(host_model):
     raise NonFiniteError(f"refusing to save step {step} in {mngr.directory}: the parameters hold "
                          "NaN or inf")
-  checksums = {"model": tree_checksum(model)}
+  checksums = {"model": tree_checksum(host_model)}
   items = {"model": ocp.args.StandardSave(model)}
   if state is not None:
     checksums["state"] = tree_checksum(state)
@@ -177,6 +180,7 @@ def restore_intact(mngr: ocp.CheckpointManager, targets: dict[str, Any],
       if not isinstance(meta, dict):
         raise CheckpointError("its meta is not a JSON object")
       for item, tree in trees.items():
+        tree = host_tree(tree)  # one device-to-host copy for both checks
         expected = (meta.get("checksums") or {}).get(item)
         if expected is not None and tree_checksum(tree) != expected:
           raise CheckpointError(f"checksum mismatch in '{item}' (the files were altered after "

@@ -7,12 +7,6 @@ import jax.numpy as jnp
 from wcdm_jax import models, validation, wavelets
 
 
-def check_params(params: models.ModelParams) -> None:
-  if not isinstance(params, models.ModelParams):
-    raise TypeError(f"params must be wcdm_jax.ModelParams (from wcdm_jax.load_params(path)), "
-                    f"got {type(params).__name__}")
-
-
 def _check_images(spec: models.ModelSpec, images: jax.Array, what: str) -> jax.Array:
   images = validation.images(images, what, spec.channels)
   if spec.levels and spec.mode == wavelets.PERIODIZATION:
@@ -29,7 +23,7 @@ def denoise(params: models.ModelParams, noisy: jax.Array, *, return_scales: bool
   one level. ``return_scales=True`` also returns the denoised low-pass of every level,
   coarse to fine (the last one is the image).
   """
-  check_params(params)
+  models.check_params(params)
   spec = params.spec
   noisy = _check_images(spec, noisy, "noisy")
   if spec.levels == 0:

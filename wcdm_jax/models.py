@@ -438,6 +438,13 @@ class ModelParams:
     return lambda x: apply_net(spec, variables, x, conv_impl=conv_impl)
 
 
+def check_params(params: Any) -> None:
+  """A TypeError saying what to pass unless ``params`` is a ``ModelParams``."""
+  if not isinstance(params, ModelParams):
+    raise TypeError(f"params must be wcdm_jax.ModelParams (from wcdm_jax.load_params(path)), "
+                    f"got {type(params).__name__}")
+
+
 def init_model(key: jax.Array, spec: ModelSpec) -> ModelParams:
   """Random variables for every net of ``spec``."""
   keys = jax.random.split(key, 1 + spec.levels)

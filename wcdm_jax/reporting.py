@@ -52,6 +52,14 @@ class MetricsWriter:
       f.write(json.dumps(row) + "\n")
 
 
+def write_text_atomic(path: str, text: str) -> None:
+  """Write ``path`` through a temporary file and a rename: readers see the old or the new
+  content, never a partial one."""
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
 def read_metrics(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]

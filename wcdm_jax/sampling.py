@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from wcdm_jax import denoising, models, validation, wavelets
+from wcdm_jax import models, validation, wavelets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,13 +135,13 @@ def _keys(key: jax.Array, num_samples: int | None) -> jax.Array:
   key = validation.key(key)
   if num_samples is not None:
     num_samples = validation.positive_int(num_samples, "num_samples")
-  batch = (key.ndim == 1 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key.ndim == 2)
-  if batch:
+  one_key_ndim = 0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1  # legacy: (2,)
+  if key.ndim == one_key_ndim + 1:
     if num_samples not in (None, key.shape[0]):
       raise ValueError(f"got {key.shape[0]} keys but num_samples={num_samples}; pass one key "
                        "or exactly num_samples keys")
     return key
-  if key.ndim > (0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1):
+  if key.ndim > one_key_ndim:
     raise ValueError(f"key must be one key or a (B,) batch of keys, got shape {key.shape}")
   return jax.random.split(key, 1 if num_samples is None else num_samples)
 
@@ -217,7 +217,7 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
   return_intermediates: also return ([x_J, ..., x_0], per-scale AscentInfo list, coarse
   first).
   """
-  denoising.check_params(params)
+  models.check_params(params)
   spec = params.spec
   keys = _keys(key, num_samples)
   h, w = validation.size(spec.image_size if image_size is None else image_size, "image_size")
@@ -245,7 +245,7 @@ def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array
   low_res: the normalised low-pass x_J (local averages, pixel units), e.g.
   ``wavelets.decompose(images, J).low``. key: one key or a (B,) batch of keys.
   """
-  denoising.check_params(params)
+  models.check_params(params)
   spec = params.spec
   if spec.levels == 0:
     raise ValueError("super_resolve needs a multi-scale model (levels >= 1); these params hold "

@@ -81,9 +81,7 @@ def _write_record(workdir: str, name: str, text: str) -> None:
     while os.path.exists(f"{path}.{k}"):
       k += 1
     os.replace(path, f"{path}.{k}")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  reporting.write_text_atomic(path, text)
 
 
 def trim_metrics(path: str, steps: dict[str, int]) -> int:
@@ -106,9 +104,7 @@ def trim_metrics(path: str, steps: dict[str, int]) -> int:
     if any("/" in k for k in kept):
       rows.append(kept)
   if changed:
-    with open(path + ".tmp", "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    reporting.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
   return changed
 
 

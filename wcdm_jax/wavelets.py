@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pywt
+from flax import struct
 
 from wcdm_jax import validation
-from flax import struct
 
 PERIODIZATION = "periodization"
 JAXWT_MODES = ("symmetric", "reflect", "zero")
