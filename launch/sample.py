@@ -73,6 +73,12 @@ def main(argv):
   spec = params.spec
   conds = [dataclasses.replace(cond, sigma_L=FLAGS.cond_sigma_L_finest) if j == 0 else cond
            for j in range(spec.levels)]
+  size = (FLAGS.image_size,) * 2 if FLAGS.image_size else spec.image_size
+  if spec.levels and spec.mode == wcdm_jax.wavelets.PERIODIZATION:
+    try:  # before anything is written
+      wcdm_jax.wavelets.check_size(*size, spec.levels)
+    except ValueError as e:
+      common.fail(f"--image_size={size[0]}: {e}")
   out = FLAGS.out or os.path.join(FLAGS.model, "samples")
   os.makedirs(out, exist_ok=True)
 
@@ -81,12 +87,9 @@ def main(argv):
     common.log("wrote " + reporting.save_png(os.path.join(out, name),
                                              reporting.image_grid(rows, upscale=2)))
 
-  size = (FLAGS.image_size,) * 2 if FLAGS.image_size else spec.image_size
   src = None
   if FLAGS.images:  # checked before the (long) sampling
     try:
-      if spec.levels:
-        wcdm_jax.wavelets.check_size(*size, spec.levels)
       src = data.make_source(data.DataConfig(FLAGS.images, size[0], spec.channels, FLAGS.crop,
                                              flips=False), FLAGS.num_images, FLAGS.seed, "eval")
     except (ValueError, ImportError) as e:
