@@ -13,28 +13,21 @@ GFLOP/s: the low-pass net's direct-convolution FLOPs per step and image / time (
 """
 import argparse
 import dataclasses
-import os
 import statistics
 import time
 
-from common import table, torch_net, torch_threads
+from common import release_or_random, table, torch_net, torch_threads
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from wcdm_jax import models, pretrained, sampling, wavelets  # pylint: disable=g-import-not-at-top
-
-RELEASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                       "shared", "reference", "lcv-denoisers")
-
+from wcdm_jax import models, sampling, wavelets  # pylint: disable=g-import-not-at-top
 
 def load_model():
-  found = pretrained.find_release_models(RELEASE) if os.path.isdir(RELEASE) else {}
-  if "ms_celebA_160x160_gray_rf13" in found:
-    return pretrained.load_release_model(found["ms_celebA_160x160_gray_rf13"]), "released RF 13"
-  spec = models.multiscale_spec(2, cond_rf=13, image_size=(160, 160))
-  return models.init_model(jax.random.key(0), spec), "random RF 13"
+  params, which = release_or_random("ms_celebA_160x160_gray_rf13",
+                                    models.multiscale_spec(2, cond_rf=13, image_size=(160, 160)))
+  return params, f"{which} RF 13"
 
 
 def torch_ascent(net, shape, steps, h0, beta, ascending, cond=None, seed=0):

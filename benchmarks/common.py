@@ -16,6 +16,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 
+RELEASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                       "shared", "reference", "lcv-denoisers")
+
+
+def release_or_random(name: str, spec):
+  """(params, 'released' | 'random'): the released model ``name`` (e.g.
+  'flat_celebA_160x160_gray_rf43') when ../shared is present, else random weights of ``spec``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import models, pretrained  # pylint: disable=g-import-not-at-top
+  found = pretrained.find_release_models(RELEASE) if os.path.isdir(RELEASE) else {}
+  if name in found:
+    return pretrained.load_release_model(found[name]), "released"
+  return models.init_model(jax.random.key(0), spec), "random"
+
+
 def median_time(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> float:
   """Median wall time of ``fn()`` in seconds after ``warmup`` calls (fn must block)."""
   for _ in range(warmup):

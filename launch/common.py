@@ -34,6 +34,74 @@ def load_model(path: str):
     fail(e)
 
 
+def cluster_detected(environ=os.environ) -> bool:
+  """A multi-process launch that jax.distributed.initialize() detects on its own: Open MPI,
+  SLURM with several tasks, or a multi-host Cloud TPU slice."""
+  def count(name):
+    try:
+      return int(environ.get(name, "1"))
+    except ValueError:
+      return 1
+  return (count("OMPI_COMM_WORLD_SIZE") > 1 or count("SLURM_NTASKS") > 1
+          or "," in environ.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def init_distributed(coordinator_address, num_processes, process_id) -> None:
+  """Join the multi-process JAX runtime: with explicit settings when given (all three are
+  needed), with JAX's own cluster detection under Open MPI, SLURM and on Cloud TPU pods; a
+  single process otherwise. Must run before JAX touches a device."""
+  given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+  if any(given) and not all(given):
+    raise ValueError("give all of --coordinator_address, --num_processes and --process_id, or "
+                     "none (then JAX detects Cloud TPU, SLURM and Open MPI clusters itself)")
+  import jax  # pylint: disable=g-import-not-at-top
+  if all(given):
+    if process_id >= num_processes:
+      raise ValueError(f"--process_id={process_id} must be < --num_processes={num_processes}")
+    if num_processes == 1:
+      return
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif cluster_detected():
+    jax.distributed.initialize()
+  else:
+    return
+  log(f"process {jax.process_index()} of {jax.process_count()}: "
+      f"{jax.local_device_count()} local devices, {jax.device_count()} in all")
+
+
+def load_images(images: str, size: int, channels: int, crop: str, num_images: int,
+                split: str = "all", eval_fraction: float = 0.1):
+  """The first ``num_images`` images (by file name) of a source as float32 (N, S, S, C);
+  split='eval' takes them from the held-out last ``eval_fraction`` that train.py leaves out.
+  'npz:PATH[:KEY]' reads an array (default key 'samples', e.g. sample.py's samples.npz).
+  Ends the program with one line when the source cannot be read."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import data  # pylint: disable=g-import-not-at-top
+  if images.startswith("npz:"):  # e.g. sample.py's samples.npz: model samples, no photographs
+    path, _, key = images[4:].partition(":")
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        x = np.asarray(f[key or "samples"], np.float32)[:num_images]
+    except (OSError, KeyError, ValueError) as e:
+      fail(f"--images={images}: {e}")
+    if x.ndim != 4 or x.shape[1:] != (size, size, channels):
+      fail(f"--images={images}: need (N, {size}, {size}, {channels}) images, got {x.shape}")
+    return x
+  held_out = split == "eval"
+  is_folder = images.startswith("folder:")
+  try:
+    cfg = data.DataConfig(images, size, channels, crop,
+                          eval_fraction=eval_fraction if held_out else 0.0, flips=False,
+                          max_images=num_images if is_folder and not held_out else 0)
+    src = data.make_source(cfg, num_images, 0,
+                           "eval" if held_out or images == "embedded" else "all")
+    if images == "embedded":
+      return src.batch(0)
+    return src.fetch(np.arange(min(num_images, src.num_examples)))
+  except (ValueError, ImportError) as e:
+    fail(f"--images={images}: {e}")
+
+
 def require_finite(what: str, *arrays) -> None:
   """End the program (exit 1) when an output holds NaN or inf: never write garbage silently."""
   import numpy as np  # pylint: disable=g-import-not-at-top

@@ -47,8 +47,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   common.setup_logging()
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from wcdm_jax import data, evaluation, plots  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import evaluation, plots  # pylint: disable=g-import-not-at-top
   names = FLAGS.names or [os.path.basename(os.path.normpath(m)) for m in FLAGS.models]
   if len(names) != len(FLAGS.models):
     raise app.UsageError("--names needs one label per --models entry")
@@ -59,18 +58,8 @@ def main(argv):
   models = {n: common.load_model(m) for n, m in zip(names, FLAGS.models)}
   size = FLAGS.image_size or next(iter(models.values())).spec.image_size[0]
   channels = next(iter(models.values())).spec.channels
-  held_out = FLAGS.split == "eval"
-  cfg = data.DataConfig(FLAGS.images, size, channels, FLAGS.crop,
-                        eval_fraction=FLAGS.eval_fraction if held_out else 0.0, flips=False,
-                        max_images=FLAGS.num_images if FLAGS.images.startswith("folder:")
-                        and not held_out else 0)
-  split = "eval" if held_out or FLAGS.images == "embedded" else "all"
-  try:
-    src = data.make_source(cfg, FLAGS.num_images, 0, split)
-  except (ValueError, ImportError) as e:
-    common.fail(f"--images={FLAGS.images}: {e}")
-  images = src.batch(0) if FLAGS.images == "embedded" else src.fetch(np.arange(
-      min(FLAGS.num_images, src.num_examples)))
+  images = common.load_images(FLAGS.images, size, channels, FLAGS.crop, FLAGS.num_images,
+                              FLAGS.split, FLAGS.eval_fraction)
   common.log(f"{len(images)} images of {size}x{size} from {FLAGS.images}")
   results = {}
   for name, params in models.items():

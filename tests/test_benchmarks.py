@@ -31,3 +31,37 @@ def test_sampling_benchmark_runs():
   pytest.importorskip("torch")
   out = _run("bench_sampling.py", "--batch=2", "--low_steps=3", "--cond_steps=2", "--repeats=1")
   assert "PyTorch, one image at a time" in out and "GFLOP/s" in out
+
+
+def test_accelerator_check_tiny():
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+  res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "accelerator_check.sh"),
+                        "--tiny", "--folder=/nonexistent"], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=REPO)
+  assert res.returncode == 0, res.stderr[-3000:]
+  for what in ("train step, float32", "train step, bfloat16", "MFU", "input pipeline",
+               "synthesis"):
+    assert what in res.stdout, what
+
+
+def test_input_benchmark_runs(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for i in range(12):  # CelebA-sized files, so the paper's crop applies
+    Image.fromarray((rng.random((218, 178, 3)) * 255).astype(np.uint8)).save(
+        tmp_path / f"{i:06d}.jpg")
+  out = _run("bench_input.py", f"--folder={tmp_path}", "--batch_size=4", "--batches=2",
+             "--warmup=1", "--workers=1", "--no-colour", "--step_batch=1", "--step_repeats=1")
+  assert "pipeline, 1 worker threads" in out and "pipeline, 1 worker processes" in out
+  assert "images/s consumed" in out
+
+
+def test_inverse_benchmark_runs():
+  pytest.importorskip("torch")
+  for task in ("inpaint", "cs", "deblur", "sr"):
+    out = _run("bench_inverse.py", f"--task={task}", "--size=32", "--batch=2", "--steps=3",
+               "--torch_images=1")
+    assert "original loop" in out and "inverse.solve" in out
+    diff = float(out.split("max |JAX - torch| = ")[1].split()[0])
+    assert diff < 1e-3, (task, diff)  # the torch loop is the same algorithm

@@ -24,3 +24,7 @@ def test_pretrained_demo_runs(monkeypatch):
   # The denoisers really denoise the demo's images.
   psnr = scope["evaluation"].psnr
   assert float(psnr(scope["d_ms"], scope["x160"]).mean()) > float(psnr(scope["y"], scope["x160"]).mean()) + 3
+  # The inverse-problems section solved both tasks with both priors, consistent with the data.
+  assert len(scope["rows"]) == 2 and scope["x_ms"].shape == (2, 160, 160, 1)
+  op = scope["op"]
+  assert float(abs(op.forward(scope["x_ms"]) - op.forward(scope["x160"])).max()) < 1e-4

@@ -1,4 +1,4 @@
-"""Denoising metrics: PSNR, per-scale denoising PSNR, multi-scale PSNR curves, Jacobians."""
+"""Metrics: PSNR, SSIM, per-scale denoising PSNR, multi-scale PSNR curves, Jacobians."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -14,6 +14,30 @@ def psnr(x: jax.Array, ref: jax.Array, peak: float = 1.0) -> jax.Array:
   """Per-image PSNR in dB of (B, H, W, C) ``x`` against ``ref``."""
   mse = jnp.mean(jnp.square(x - ref), axis=tuple(range(1, x.ndim)))
   return 10.0 * jnp.log10(peak ** 2 / jnp.maximum(mse, 1e-20))
+
+
+def ssim(x: jax.Array, ref: jax.Array, peak: float = 1.0) -> jax.Array:
+  """Per-image SSIM of (B, H, W, C) ``x`` against ``ref`` (Wang et al. 2004: Gaussian window
+  11 x 11, std 1.5, K1 0.01, K2 0.03, 'valid' borders, mean over pixels and channels)."""
+  t = np.arange(11) - 5.0
+  g = np.exp(-t ** 2 / (2 * 1.5 ** 2))
+  g = jnp.asarray(g / g.sum(), jnp.float32)
+
+  def blur(a):  # (B, H, W, C) -> (B, H - 10, W - 10, C), separable Gaussian per channel
+    b, h, w, c = a.shape
+    p = jnp.moveaxis(a, 3, 1).reshape(b * c, h, w, 1)
+    kernel = (g[:, None] * g[None, :])[:, :, None, None]
+    out = jax.lax.conv_general_dilated(p, kernel, (1, 1), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.moveaxis(out.reshape(b, c, h - 10, w - 10), 1, 3)
+
+  x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
+  c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
+  mx, my = blur(x), blur(ref)
+  vx, vy = blur(x * x) - mx * mx, blur(ref * ref) - my * my
+  cov = blur(x * ref) - mx * my
+  s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+  return s.mean(axis=(1, 2, 3))
 
 
 def scale_psnr(spec: models.ModelSpec, name: str, variables: models.Variables,

@@ -37,14 +37,9 @@ class AscentConfig:
   abort_sigma: float = 1.5
 
   def __post_init__(self):
-    if not 0 < self.beta <= 1:
-      raise ValueError(f"beta must be in (0, 1], got {self.beta}")
-    if not 0 < self.h0 <= 1:
-      raise ValueError(f"h0 must be in (0, 1], got {self.h0}")
-    validation.positive_int(self.max_steps, "max_steps")
-    for name in ("sigma_0", "sigma_L", "abort_sigma"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+    if self.beta is None:
+      raise ValueError("beta must be in (0, 1], got None")
+    validation.ascent_settings(self)
 
 
 # The release's settings (method.md §5 and the performance issue).

@@ -76,3 +76,16 @@ def float_range(v: Any, name: str) -> tuple[float, float]:
   if not lo < hi:
     raise ValueError(f"{name} must have lo < hi, got {_show(v)}")
   return lo, hi
+
+
+def ascent_settings(cfg: Any) -> None:
+  """The shared fields of an ascent's settings (sampling.AscentConfig, inverse.SolverConfig):
+  beta in (0, 1] (None: chosen later), h0 in (0, 1], max_steps >= 1, positive noise levels."""
+  if cfg.beta is not None and not 0 < cfg.beta <= 1:
+    raise ValueError(f"beta must be in (0, 1], got {cfg.beta}")
+  if not 0 < cfg.h0 <= 1:
+    raise ValueError(f"h0 must be in (0, 1], got {cfg.h0}")
+  positive_int(cfg.max_steps, "max_steps")
+  for name in ("sigma_0", "sigma_L", "abort_sigma"):
+    if not getattr(cfg, name) > 0:
+      raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")

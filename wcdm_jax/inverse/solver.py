@@ -1,0 +1,243 @@
+"""Solving linear inverse problems with the prior implicit in a denoiser (method.md §7).
+
+Given measurements x_c = M^T x, ``solve`` runs the constrained stochastic ascent of Kadkhodaie
+& Simoncelli (2021) for a batch in one ``lax.scan``: every sample has its own key and stops on
+its own rule, so a batch equals its samples solved one at a time.
+
+  y_0 ~ N(0.5 (I - M M^T) 1 + M x_c, sigma_0^2 I)
+  d_t = (I - M M^T) f(y) + M (M^T y - x_c);  sigma_t = ||d_t|| / sqrt(N)
+  y <- y - h_t d_t + gamma_t z;  stop once sigma_t <= sigma_L;  x = y - f(y)
+
+f is the residual of a blind denoiser: the flat net, or the whole multi-scale denoiser
+(low-pass net, then the conditional nets; ``denoising.denoise``). For ``BlockAverage(2^J)`` on
+a J-level Haar model the measurements are the low-pass itself, and the coarse-to-fine
+conditional synthesis (``super_resolve``) solves the problem exactly consistent.
+
+Beyond the original: a step cap, an abort on divergence or non-finite states, and an optional
+final projection onto the measurements (x <- x - M M^T x + M x_c: exact consistency).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wcdm_jax import denoising, models, sampling, validation, wavelets
+from wcdm_jax.inverse import operators as ops
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+  """Settings of the constrained ascent.
+
+  h0, ascending: step size h_t = h0 t / (1 + h0 (t - 1)) (or fixed h0). beta in (0, 1]:
+  injected noise (1 = none). sigma_0: std of y_0's noise. sigma_L: stop once sigma_t <=
+  sigma_L. max_steps: cap on updates (a sample that hits it is not ``converged``).
+  abort_sigma: stop and flag a sample whose sigma_t exceeds it or is not finite.
+  project: end with the exact projection onto the measurements.
+  method: 'auto' (coarse-to-fine for BlockAverage(2^J) on a J-level Haar model, else the
+  plug-in ascent), 'plugin' or 'coarse_to_fine'.
+  cond_config: the conditional ascents of the coarse-to-fine solver (None: the release's).
+
+  beta=None picks by operator (``default_beta``), measured in docs/inverse_problems.md: 0.1
+  for a hole (the original's 0.01 fills a 40x40 hole in a face far too bright and ends no
+  better than zero-filling), 0.05 for measurements spread over the image (random pixels,
+  block averages, low frequencies, random projections), which converge better with less
+  injected noise.
+  """
+  h0: float = 0.01
+  beta: float | None = None
+  sigma_0: float = 1.0
+  sigma_L: float = 0.01
+  ascending: bool = True
+  max_steps: int = 3000
+  abort_sigma: float = 3.0
+  project: bool = True
+  method: str = "auto"
+  cond_config: Any = None
+
+  def __post_init__(self):
+    validation.ascent_settings(self)  # beta None: chosen by operator
+    if self.method not in ("auto", "plugin", "coarse_to_fine"):
+      raise ValueError(f"method must be 'auto', 'plugin' or 'coarse_to_fine', got "
+                       f"{self.method!r}")
+
+
+# The original code's settings: no projection, no cap in spirit (a generous one here), no abort.
+ORIGINAL = SolverConfig(beta=0.01, project=False, max_steps=20000, abort_sigma=math.inf,
+                        method="plugin")
+
+
+def default_beta(op: ops.Operator) -> float:
+  """The injected-noise setting of ``SolverConfig(beta=None)`` for an operator."""
+  return 0.1 if isinstance(op, ops.Inpainting) else 0.05
+
+
+def resolve(cfg: SolverConfig, op: ops.Operator) -> SolverConfig:
+  """``cfg`` with beta filled in for ``op`` when it is None."""
+  return cfg if cfg.beta is not None else dataclasses.replace(cfg, beta=default_beta(op))
+
+
+def _ascent_config(cfg: SolverConfig) -> sampling.AscentConfig:
+  return sampling.AscentConfig(h0=cfg.h0, beta=cfg.beta, ascending=cfg.ascending)
+
+
+def constrained_ascent(keys: jax.Array, residual_fn, op: ops.Operator, measurements: jax.Array,
+                       y0: jax.Array, cfg: SolverConfig):
+  """The iteration for a batch; jittable. keys (B,), y0 (B, H, W, C).
+
+  Returns (y - f(y) at each sample's final state, sampling.AscentInfo).
+  """
+  cfg = resolve(cfg, op)
+  b = y0.shape[0]
+  n = float(np.prod(y0.shape[1:]))
+  axes = tuple(range(1, y0.ndim))
+  bshape = (b,) + (1,) * (y0.ndim - 1)
+  m_xc = op.adjoint(measurements)  # M x_c
+  acfg = _ascent_config(cfg)
+  norm = lambda v: jnp.sqrt(jnp.sum(jnp.square(v), axes)) / np.sqrt(n)  # (B,)
+
+  def active_step(carry, t):
+    y, active, sigma_prev, steps, aborted = carry
+    f = residual_fn(y)
+    d = f - op.project(f) + op.project(y) - m_xc
+    sigma = norm(d)
+    h = sampling.step_size(t, acfg)
+    gamma = sampling.noise_amplitude(sigma, h, cfg.beta)
+    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), y.shape[1:]))(keys)
+    y_new = y - h * d + gamma.reshape(bshape) * z
+    abort = (sigma > cfg.abort_sigma) | ~jnp.isfinite(sigma)
+    move = active & ~abort
+    y = jnp.where(move.reshape(bshape), y_new, y)
+    steps = jnp.where(move, t, steps)
+    sigma_prev = jnp.where(move, sigma, sigma_prev)
+    aborted = aborted | (active & abort)
+    return (y, move & (sigma > cfg.sigma_L), sigma_prev, steps, aborted), jnp.where(
+        active, sigma, jnp.nan)
+
+  def body(carry, t):
+    return jax.lax.cond(jnp.any(carry[1]), active_step,
+                        lambda c, t: (c, jnp.full((b,), jnp.nan, jnp.float32)), carry, t)
+
+  sigma0 = norm(residual_fn(y0))  # the original's first check uses ||f(y_0)||
+  init = (y0, sigma0 > cfg.sigma_L, sigma0, jnp.zeros((b,), jnp.int32), ~jnp.isfinite(sigma0))
+  init = (init[0], init[1] & ~init[4]) + init[2:]
+  (y, active, _, steps, aborted), sigmas = jax.lax.scan(
+      body, init, jnp.arange(1, cfg.max_steps + 1, dtype=jnp.int32))
+  info = sampling.AscentInfo(steps=steps, sigmas=sigmas.T, aborted=aborted,
+                             converged=~active & ~aborted)
+  return y - residual_fn(y), info
+
+
+def initial_state(keys: jax.Array, op: ops.Operator, measurements: jax.Array,
+                  image_shape: ops.Shape, sigma_0: float) -> jax.Array:
+  """y_0 = 0.5 (I - M M^T) 1 + M x_c + sigma_0 z, z from each sample's key: (B, H, W, C)."""
+  b = measurements.shape[0]
+  ones = jnp.ones((b,) + tuple(image_shape), jnp.float32)
+  mean = 0.5 * (ones - op.project(ones)) + op.adjoint(measurements)
+  z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), tuple(image_shape)))(keys)
+  return mean + sigma_0 * z
+
+
+def residual(params: models.ModelParams, conv_impl: str = "auto"):
+  """The prior's denoiser residual f(y) = y - D(y): the flat net, or the multi-scale denoiser."""
+  if params.spec.levels == 0:
+    return params.residual_fn("flat", conv_impl)
+  return lambda y: y - denoising.denoise(params, y, conv_impl=conv_impl)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "conv_impl"))
+def _plugin(keys, params, op, measurements, cfg, conv_impl):
+  shape = op.image_shape()
+  y0 = initial_state(keys, op, measurements, shape, cfg.sigma_0)
+  x, info = constrained_ascent(keys, residual(params, conv_impl), op, measurements, y0, cfg)
+  if cfg.project:
+    x = x - op.project(x) + op.adjoint(measurements)
+  return x, info
+
+
+def uses_coarse_to_fine(params: models.ModelParams, op: ops.Operator, cfg: SolverConfig) -> bool:
+  """Whether ``solve`` runs the coarse-to-fine solver; a ValueError when cfg asks for it and it
+  does not apply."""
+  spec = params.spec
+  fits = (isinstance(op, ops.BlockAverage) and spec.levels >= 1
+          and op.factor == 2 ** spec.levels and spec.wavelet == "haar")
+  if cfg.method == "coarse_to_fine" and not fits:
+    if spec.levels == 0:
+      raise ValueError("method='coarse_to_fine' needs a multi-scale model; these params hold a "
+                       "flat denoiser: use method='plugin'")
+    raise ValueError(f"method='coarse_to_fine' solves BlockAverage(factor=2^J) with a J-level "
+                     f"Haar model; got {op!r} and a {spec.levels}-level {spec.wavelet} model "
+                     f"(factor {2 ** spec.levels} needed); use method='plugin'")
+  return cfg.method == "coarse_to_fine" or (cfg.method == "auto" and fits)
+
+
+def check_problem(params: models.ModelParams, op: ops.Operator, image_shape: ops.Shape,
+                  config: SolverConfig) -> ops.Operator:
+  """Everything ``solve`` checks before compute, without measurements: the types, the operator
+  against the images' (H, W, C) and the model, and the method. Returns the operator with its
+  image shape bound."""
+  models.check_params(params)
+  if not isinstance(config, SolverConfig):
+    raise TypeError(f"config must be a wcdm_jax.inverse.SolverConfig, got "
+                    f"{type(config).__name__}")
+  if not isinstance(op, ops.Operator):
+    raise TypeError(f"op must be a wcdm_jax.inverse operator (Inpainting, RandomPixels, "
+                    f"BlockAverage, SpectralLowpass, RandomProjection), got {type(op).__name__}")
+  spec = params.spec
+  op.check(image_shape)
+  if image_shape[2] != spec.channels:
+    raise ValueError(f"the operator measures {image_shape[2]}-channel images but the model takes "
+                     f"{spec.channels}; build the operator for (H, W, {spec.channels})")
+  if spec.levels and spec.mode == wavelets.PERIODIZATION:
+    wavelets.check_size(image_shape[0], image_shape[1], spec.levels)
+  uses_coarse_to_fine(params, op, config)
+  if isinstance(op, ops.SpectralLowpass) and op.shape is None:
+    return op.bind(image_shape)
+  if isinstance(op, ops.BlockAverage) and op.shape is None:
+    return ops.BlockAverage(op.factor, image_shape)
+  return op
+
+
+def solve(key: jax.Array, params: models.ModelParams, op: ops.Operator, measurements: jax.Array,
+          *, config: SolverConfig | None = None, return_info: bool = False,
+          conv_impl: str = "auto"):
+  """Images (B, H, W, C) consistent with ``measurements`` = ``op.forward(images)``, drawn
+  with the prior of ``params`` (flat or multi-scale).
+
+  key: one key or a (B,) batch of keys (sample b depends only on its own). config: a
+  ``SolverConfig`` (default: ours; ``inverse.ORIGINAL`` for the original's settings).
+  return_info: also return a ``sampling.AscentInfo`` (steps, sigmas, aborted, converged; for
+  the coarse-to-fine solver, a list of one per level, coarse first).
+  The image shape is the operator's, else (for BlockAverage) the measurements' times the
+  factor, else the model's training size.
+  """
+  models.check_params(params)
+  cfg = SolverConfig() if config is None else config
+  if not isinstance(measurements, (jax.Array, np.ndarray)):
+    raise TypeError(f"measurements must be an array (op.forward(images)), got "
+                    f"{type(measurements).__name__}")
+  spec = params.spec
+  if not isinstance(op, ops.Operator):
+    check_problem(params, op, (1, 1, 1), cfg)  # raises the TypeError
+  shape = op.image_shape(tuple(measurements.shape[1:]),
+                         tuple(spec.image_size) + (spec.channels,))
+  op = check_problem(params, op, shape, cfg)
+  op.check_measurements(measurements, shape)
+  cfg = resolve(cfg, op)
+  keys = sampling._keys(key, measurements.shape[0])  # pylint: disable=protected-access
+  measurements = jnp.asarray(measurements)
+  if not jnp.iscomplexobj(measurements):
+    measurements = measurements.astype(jnp.float32)
+  if uses_coarse_to_fine(params, op, cfg):
+    low = measurements / op.factor  # block means = the J-level Haar low-pass
+    out = sampling.super_resolve(keys, params, low, cond_config=cfg.cond_config,
+                                 return_intermediates=return_info, conv_impl=conv_impl)
+    return (out[0], out[2]) if return_info else out
+  x, info = _plugin(keys, params, op, measurements, cfg, conv_impl)
+  return (x, info) if return_info else x
