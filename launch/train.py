@@ -5,7 +5,9 @@ r"""Train a multi-scale (or flat) wavelet-conditional denoiser model.
   python launch/train.py --flagfile=launch/configs/celeba160.flags --nets=cond0  # one scale
 
 Runs data-parallel over every device of every host. Re-running the same command resumes
-from the latest checkpoints in --workdir.
+from the latest checkpoints in --workdir. Several hosts: run the same command on every host
+(Cloud TPU pods, SLURM and Open MPI need nothing more); elsewhere add
+--coordinator_address=HOST0:PORT --num_processes=N --process_id=I.
 """
 import os
 import sys
@@ -59,6 +61,21 @@ flags.DEFINE_integer("seed", 0, "Seed of initialisation, noise and data order.")
 flags.DEFINE_enum("conv_impl", "auto", ["auto", "native", "xla", "xla_autodiff", "matmul"],
                   "How convolutions run: auto = native AVX-512 kernel on CPU where built, else XLA "
                   "(see wcdm_jax.models.conv2d).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the nets' "
+                  "convolutions (parameters, statistics and the loss stay float32).")
+flags.DEFINE_integer("data_workers", -1, "Parallel input decoders (-1 = one per core up to "
+                     "16, one for the embedded data).", lower_bound=-1)
+flags.register_validator("data_workers", lambda v: v != 0,
+                         "--data_workers must be -1 (automatic) or >= 1")
+flags.DEFINE_enum("data_worker_kind", "auto", ["auto", "threads", "processes"], "Decoders as "
+                  "threads of the training process or as processes (auto: processes above 4 "
+                  "cores).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0 "
+                    "(not needed on Cloud TPU or under SLURM / Open MPI, where JAX finds it).")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.",
+                     lower_bound=1)
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.",
+                     lower_bound=0)
 flags.DEFINE_bool("remat", False, "Rematerialise each block in the backward pass (less memory).")
 # Run.
 flags.DEFINE_list("nets", [], "Nets to train (default all): flat | low,cond0,cond1,...")
@@ -79,7 +96,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
   common.setup_logging()
   # pylint: disable-next=g-import-not-at-top
-  from wcdm_jax import checkpoints, data, models, trainer, training
+  from wcdm_jax import checkpoints, data, models, pipeline, trainer, training
   if FLAGS.noise_max < FLAGS.noise_min:
     raise app.UsageError("--noise_max must be >= --noise_min")
   channels = 1 if FLAGS.color == "grey" else 3
@@ -101,12 +118,14 @@ def main(argv):
         noise_min=FLAGS.noise_min, noise_max=FLAGS.noise_max,
         quadratic_noise=FLAGS.quadratic_noise,
         intensity_augmentation=FLAGS.intensity_augmentation, seed=FLAGS.seed,
-        conv_impl=FLAGS.conv_impl, remat=FLAGS.remat)
+        conv_impl=FLAGS.conv_impl, remat=FLAGS.remat, dtype=FLAGS.dtype)
     run = trainer.RunConfig(
         workdir=FLAGS.workdir, nets=tuple(FLAGS.nets), log_every=FLAGS.log_every,
         eval_every=FLAGS.eval_every, eval_sigma=FLAGS.eval_sigma,
         checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
         stop_after=FLAGS.stop_after, allow_config_change=FLAGS.allow_config_change,
+        data_workers=FLAGS.data_workers,
+        data_processes={"auto": -1, "threads": 0, "processes": 1}[FLAGS.data_worker_kind],
         record=(("train.flags", common.flags_text(
             FLAGS, os.path.join(FLAGS.workdir, "train.flags"))),))
   except ValueError as e:
@@ -119,9 +138,13 @@ def main(argv):
     common.log(f"data: {data_cfg}")
     return
   try:
+    common.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except (ValueError, RuntimeError) as e:
+    common.fail(f"cannot start the multi-process runtime: {e}")
+  try:
     final = trainer.train(spec, data_cfg, cfg, run, log=common.log)
   except (ValueError, FileNotFoundError, checkpoints.CheckpointError,
-          checkpoints.NonFiniteError) as e:
+          checkpoints.NonFiniteError, pipeline.InputError) as e:
     common.fail(e)
   for name, m in final.items():
     common.log(f"final {name}: noisy {m['psnr_noisy']:.2f} dB -> denoised "

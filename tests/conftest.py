@@ -21,3 +21,14 @@ def shared_path(*parts: str) -> str:
   if not os.path.exists(path):
     pytest.skip(f"{path} not available (../shared is absent)")
   return path
+
+
+def write_random_images(folder, count: int, shape=(20, 20, 3), seed: int = 0) -> str:
+  """``count`` random RGB PNGs im00.png, im01.png, ... of ``shape`` in ``folder``."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  for i in range(count):
+    Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(
+        os.path.join(str(folder), f"im{i:02d}.png"))
+  return str(folder)

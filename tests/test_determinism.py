@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from wcdm_jax import checkpoints, data, models, native_conv, trainer, training
+from wcdm_jax import data, models, native_conv, trainer, training
 
 TRAIN = os.path.join(REPO, "launch", "train.py")
 # 16 features: the middle layers take the native kernels (forward, Winograd, kernel gradient).

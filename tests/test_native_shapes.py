@@ -8,7 +8,6 @@ tiles = (tile rows per item) x ceil(W / 2) through the same forward tiles. Small
 many widths and channel counts: shapes, not sizes.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -18,7 +18,7 @@ from PIL import Image
 import torchfile
 from conftest import REPO
 import wcdm_jax
-from wcdm_jax import checkpoints, data, models, pretrained, sampling, trainer, training
+from wcdm_jax import checkpoints, data, models, pretrained, sampling
 
 SPEC = models.multiscale_spec(2, cond_rf=5, low_rf=5, image_size=(16, 16), num_layers=3,
                               low_num_layers=3, features=4)

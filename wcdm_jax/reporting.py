@@ -38,13 +38,17 @@ class ProgressBar:
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to ``path`` (JSON Lines)."""
+  """Appends one JSON object per line to ``path`` (JSON Lines); ``enabled=False`` (the
+  other processes of a multi-process run) writes nothing."""
 
-  def __init__(self, path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    self.path = path
+  def __init__(self, path: str, enabled: bool = True):
+    self.path, self.enabled = path, enabled
+    if enabled:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
   def write(self, step: int, **metrics) -> None:
+    if not self.enabled:
+      return
     row = {"step": int(step), "time": time.time()}
     row.update({k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
                 for k, v in metrics.items()})

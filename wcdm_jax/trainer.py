@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wcdm_jax import checkpoints, data, denoising, evaluation, models, reporting, training
+from wcdm_jax import (checkpoints, data, denoising, evaluation, models, pipeline, reporting,
+                      training)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,15 +37,17 @@ class RunConfig:
   stop_after: int = 0              # stop (as if pre-empted) after this many steps; 0 = never
   figure: bool = True
   allow_config_change: bool = False  # resume checkpoints made with other training settings
+  data_workers: int = -1           # parallel input decoders; -1 = pipeline.default_workers
+  data_processes: int = -1         # 1: decoders are processes, 0: threads, -1: by core count
   # (file name, text) pairs written into the workdir once everything is validated, e.g. the
   # entry point's flags; an existing different file is kept as NAME.1, NAME.2, ...
   record: tuple[tuple[str, str], ...] = ()
 
 
 # What a resumed run may change without ``allow_config_change``: how long it trains, how the
-# convolutions are computed, how many unreadable files are tolerated. Anything else (batch,
+# convolutions are computed (and in which precision), how many unreadable files are tolerated. Anything else (batch,
 # seed, learning rate, noise, data) would silently continue another experiment.
-RESUMABLE_CHANGES = ("num_steps", "conv_impl", "remat", "max_bad_fraction")
+RESUMABLE_CHANGES = ("num_steps", "conv_impl", "remat", "dtype", "max_bad_fraction")
 
 
 def _net_names(spec: models.ModelSpec, nets: Sequence[str]) -> list[str]:
@@ -127,8 +130,9 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
   source = data.make_source(data_cfg, cfg.batch_size, cfg.seed, "train", pi, pc)
   eval_images = jnp.asarray(data.make_source(data_cfg, run.eval_batch_size, cfg.seed + 1,
                                              "eval").batch(0))
+  rows = source.host_slice
   log(f"devices: {n_dev} ({jax.devices()[0].platform}); hosts: {pc}; nets: {names}; "
-      f"global batch {cfg.batch_size}")
+      f"global batch {cfg.batch_size}, of which process {pi} reads rows {rows.start}:{rows.stop}")
 
   scales = None  # noise scale of each conditional net: largest detail magnitude in the data
   nets, resumed, corrupt = {}, {}, {}
@@ -196,7 +200,7 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
     for n in nets.values():
       n["mngr"].wait_until_finished()
       n["mngr"].close()
-  if run.figure and all(name in nets for name in spec.nets):
+  if run.figure and pi == 0 and all(name in nets for name in spec.nets):
     path = save_denoising_figure(spec, {k: nets[k]["state"].variables() for k in nets},
                                  eval_images, os.path.join(run.workdir, "denoising.png"), log=log)
     log(f"wrote {path}")
@@ -205,7 +209,7 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
 
 def _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, log):
   """The training loop over global steps (nets at different steps catch up in turn)."""
-  writer = reporting.MetricsWriter(metrics_path)
+  writer = reporting.MetricsWriter(metrics_path, enabled=jax.process_index() == 0)
   eval_fns = {name: jax.jit(lambda v, k, name=name: evaluation.scale_psnr(
       spec, name, v, eval_images, run.eval_sigma, k, cfg.conv_impl)) for name in names}
   start = min(int(n["state"].step) for n in nets.values())
@@ -214,6 +218,15 @@ def _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, 
   bar = reporting.ProgressBar(end, "train")
   bar.update(start)
   final: dict[str, dict] = {}
+  workers = pipeline.default_workers(source) if run.data_workers < 0 else run.data_workers
+  procs = pipeline.default_processes() if run.data_processes < 0 else bool(run.data_processes)
+  with pipeline.Batches(source, start, end, workers, procs) as batches:
+    log(f"input: {workers} decoding {'processes' if procs else 'threads'}")
+    return _steps(cfg, run, nets, names, batches, eval_fns, mesh, writer, saved, bar, final, log)
+
+
+def _steps(cfg, run, nets, names, batches, eval_fns, mesh, writer, saved, bar, final, log):
+  start, end = batches.start, batches.stop
   t0, steps_done = time.time(), 0
 
   def non_finite(name, what, step):
@@ -223,10 +236,11 @@ def _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, 
         f"(--learning_rate) or check the data for non-finite pixels")
 
   for step in range(start, end):
+    host_batch = next(batches)  # consumed every step: the iterator stays at the loop's step
     active = [n for n in names if int(nets[n]["state"].step) == step < nets[n]["total"]]
     if not active:
       continue
-    images = training.global_batch(source.batch(step), mesh)
+    images = training.global_batch(host_batch, mesh)
     metrics = {}
     for name in active:
       n = nets[name]
@@ -236,14 +250,15 @@ def _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, 
     done = step + 1
     last = done == end or (run.stop_after and steps_done >= run.stop_after)
     if done % run.log_every == 0 or last:
-      rate = steps_done / (time.time() - t0)
+      elapsed = time.time() - t0
+      rate, wait = steps_done / elapsed, batches.wait_s / elapsed
       row = {f"{k}/loss": float(m["loss"]) for k, m in metrics.items()}
       for k, v in row.items():
         if not np.isfinite(v):
           raise non_finite(k.split("/")[0], f"the loss is {v}", done)
-      writer.write(done, steps_per_s=rate, **row)
+      writer.write(done, steps_per_s=rate, input_wait=wait, **row)
       msg = " ".join(f"{k}={v:.4g}" for k, v in row.items())
-      log(f"step {done}/{end} {rate:.2f} steps/s {msg}")
+      log(f"step {done}/{end} {rate:.2f} steps/s, input wait {100 * wait:.1f}% {msg}")
       bar.update(done, msg)
     if done % run.eval_every == 0 or last:
       row = {}

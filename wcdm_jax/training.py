@@ -43,6 +43,12 @@ class TrainConfig:
   seed: int = 0
   conv_impl: str = "auto"
   remat: bool = False
+  dtype: str = "float32"           # compute dtype of the convolutions: float32 | bfloat16
+  # (parameters, batch-norm statistics, the loss and Adam stay float32)
+
+  def __post_init__(self):
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 
 
 def net_level(spec: models.ModelSpec, name: str) -> int:
@@ -124,8 +130,8 @@ def detail_noise_scales(spec: models.ModelSpec, batches: list[np.ndarray]) -> di
 
 
 def loss_fn(params, batch_stats, net: models.NetSpec, noisy, noise, *, conv_impl="auto",
-            remat=False):
-  model = models.BFCNN(net, conv_impl=conv_impl, remat=remat)
+            remat=False, dtype="float32"):
+  model = models.BFCNN(net, conv_impl=conv_impl, remat=remat, dtype=jnp.dtype(dtype))
   pred, updates = model.apply({"params": params, "batch_stats": batch_stats}, noisy, train=True,
                               mutable=["batch_stats"])
   loss = jnp.sum(jnp.square(pred - noise)) / noisy.shape[0]
@@ -151,7 +157,8 @@ def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransfo
     noisy = jax.lax.with_sharding_constraint(noisy, NamedSharding(mesh, P("data")))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, net, noisy, noise,
-                                         conv_impl=cfg.conv_impl, remat=cfg.remat)
+                                         conv_impl=cfg.conv_impl, remat=cfg.remat,
+                                         dtype=cfg.dtype)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
