@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared_path
-from wcdm_jax import data
+from wcdm_jax import data, pipeline
 
 
 def test_embedded_is_deterministic_and_sharded():
@@ -85,6 +85,8 @@ def test_tfds_source_with_mock_data():
     a, b = src.batch(1), data.make_source(cfg, 4, seed=0).batch(1)
     assert a.shape == (4, 32, 32, 1)
     np.testing.assert_array_equal(a, b)
+    with pipeline.Batches(src, 0, 3, 2) as it:  # the input pipeline's threads: the same batches
+      np.testing.assert_array_equal(list(it)[1], a)
 
 
 def test_unknown_source():
