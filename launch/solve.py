@@ -98,8 +98,7 @@ def main(argv):
   size = FLAGS.image_size or first.image_size[0]
   shape = (size, size, first.channels)
   try:  # every check before any compute or output
-    op = make_operator(FLAGS.task, shape, jax.random.key(FLAGS.seed))
-    op.check(shape)
+    op = make_operator(FLAGS.task, shape, jax.random.key(FLAGS.seed))  # checked against each prior below
     for (name, params), cfg in zip(priors.items(), configs):
       if params.spec.channels != first.channels:
         raise ValueError(f"model {name!r} takes {params.spec.channels} channels, the first "

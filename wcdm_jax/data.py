@@ -88,6 +88,10 @@ def image_to_array(img: Image.Image) -> np.ndarray:
   return np.asarray(img.convert("RGB"), np.float32) / 255.0
 
 
+def _cannot_decode(path: str, e: BaseException) -> ValueError:
+  return ValueError(f"{path}: cannot decode it as an image ({type(e).__name__}: {e})")
+
+
 def read_image(path: str) -> np.ndarray:
   """Decode one image file -> float32 (H, W, 1 | 3) in [0, 1]; errors name the file."""
   try:
@@ -95,7 +99,7 @@ def read_image(path: str) -> np.ndarray:
       img.load()
       return image_to_array(img)
   except _DECODE_ERRORS as e:
-    raise ValueError(f"{path}: cannot decode it as an image ({type(e).__name__}: {e})") from e
+    raise _cannot_decode(path, e) from e
 
 
 def load_preprocessed(path: str, image_size: int, channels: int, crop: str) -> np.ndarray:
@@ -109,7 +113,7 @@ def load_preprocessed(path: str, image_size: int, channels: int, crop: str) -> n
       img.load()
       x = np.asarray(img)
   except _DECODE_ERRORS as e:
-    raise ValueError(f"{path}: cannot decode it as an image ({type(e).__name__}: {e})") from e
+    raise _cannot_decode(path, e) from e
   x = crop_image(x[..., None] if x.ndim == 2 else x, crop)
   if x.shape[0] != x.shape[1]:
     x = crop_image(x, "center")
@@ -254,12 +258,11 @@ class ArraySource(Source):
     if num == 0:
       raise ValueError(f"no images in split {self.split!r} of {cfg.source!r}")
     self.fetch, self.num_examples = fetch, num
+    seed = int(np.random.SeedSequence([self.seed, _SPLIT_IDS[self.split]]).generate_state(1)[0])
+    self._order = grain.MapDataset.range(num).shuffle(seed=seed).repeat()  # per-epoch reshuffle
 
   def indices(self, step: int) -> np.ndarray:
     """Global example indices of step ``step``: a fresh permutation every epoch."""
-    if getattr(self, "_order", None) is None:
-      seed = int(np.random.SeedSequence([self.seed, _SPLIT_IDS[self.split]]).generate_state(1)[0])
-      self._order = grain.MapDataset.range(self.num_examples).shuffle(seed=seed).repeat()
     start = step * self.batch_size
     return np.asarray([self._order[p] for p in range(start, start + self.batch_size)], np.int64)
 
@@ -279,6 +282,12 @@ def list_images(folder: str) -> list[str]:
   if not files:
     raise ValueError(f"no PNG/JPEG images found under {folder!r}")
   return files
+
+
+def _folder_files(folder: str, cfg: DataConfig) -> list[str]:
+  """The folder's image files by name, the first ``cfg.max_images`` of them when set."""
+  files = list_images(folder)
+  return files[: cfg.max_images] if cfg.max_images else files
 
 
 def _bad_listing(bad: Sequence[str]) -> str:
@@ -304,9 +313,7 @@ def load_folder(folder: str, cfg: DataConfig, warn: Callable[[str], None] = logg
   skipped with one warning naming them; more than ``cfg.max_bad_fraction`` of them is an
   error. (Training streams folders instead: ``make_source``.)
   """
-  files = list_images(folder)
-  if cfg.max_images:
-    files = files[: cfg.max_images]
+  files = _folder_files(folder, cfg)
   images, bad = [], []
   for f in files:
     try:
@@ -323,7 +330,7 @@ def _check_header(path: str, crop: str) -> None:
     with Image.open(path) as img:
       size = ImageOps.exif_transpose(img).size if img.getexif() else img.size
   except _DECODE_ERRORS as e:
-    raise ValueError(f"{path}: cannot decode it as an image ({type(e).__name__}: {e})") from e
+    raise _cannot_decode(path, e) from e
   if crop == "celeba" and (size[1], size[0]) not in _CELEBA_CROPS:
     raise ValueError(f"{path}: crop='celeba' needs aligned CelebA images of 218x178 or 109x89, "
                      f"got {size[1]}x{size[0]}")
@@ -371,9 +378,7 @@ def folder_reader(folder: str, cfg: DataConfig, warn: Callable[[str], None] = lo
                   ) -> FolderReader:
   """A ``FolderReader`` of the folder's files (first ``cfg.max_images``), after a header scan
   that drops (and names) files that do not open as images the crop can take."""
-  files = list_images(folder)
-  if cfg.max_images:
-    files = files[: cfg.max_images]
+  files = _folder_files(folder, cfg)
   good, bad = [], []
   for f in files:
     try:

@@ -14,6 +14,7 @@ training process; nothing waits forever.
 from __future__ import annotations
 
 import os
+import time
 from typing import Iterator
 
 import grain
@@ -51,8 +52,8 @@ class Batches:
   """Iterator over ``source.batch(s)`` for s in [start, stop), prefetched by grain.
 
   workers: parallel decoders: processes (``grain`` mp_prefetch) when ``processes``, else
-  threads of this process. buffer: batches prefetched per worker. ``wait_s``: total seconds ``next`` waited for data.
-  Use as a context manager (or call ``close``) to stop the workers.
+  threads of this process. buffer: batches prefetched per worker. ``wait_s``: total seconds
+  ``next`` waited for data. Use as a context manager (or call ``close``) to stop the workers.
   """
 
   def __init__(self, source: data.Source, start: int, stop: int, workers: int = 2,
@@ -80,7 +81,6 @@ class Batches:
     return self
 
   def __next__(self) -> np.ndarray:
-    import time  # pylint: disable=g-import-not-at-top
     if self.step >= self.stop:
       raise StopIteration
     t0 = time.perf_counter()

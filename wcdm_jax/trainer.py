@@ -45,8 +45,9 @@ class RunConfig:
 
 
 # What a resumed run may change without ``allow_config_change``: how long it trains, how the
-# convolutions are computed (and in which precision), how many unreadable files are tolerated. Anything else (batch,
-# seed, learning rate, noise, data) would silently continue another experiment.
+# convolutions are computed (and in which precision), how many unreadable files are tolerated.
+# Anything else (batch, seed, learning rate, noise, data) would silently continue another
+# experiment.
 RESUMABLE_CHANGES = ("num_steps", "conv_impl", "remat", "dtype", "max_bad_fraction")
 
 
