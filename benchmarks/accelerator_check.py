@@ -44,7 +44,8 @@ def train_figures(spec, batch, steps, dtype):
   fns, states, flops = [], [], 0.0
   for i, (name, net) in enumerate(spec.nets.items()):
     tx = training.make_optimizer(spec, name, cfg)
-    states.append(training.replicate(training.init_state(jax.random.key(i), net, tx), mesh))
+    states.append(training.replicate(training.init_state(jax.random.key(i), net, tx, cfg),
+                                     mesh))
     fns.append(training.make_train_step(spec, name, tx, cfg, mesh))
     side = spec.image_size[0] // 2 ** (spec.levels if net.kind == "low" else net.level + 1)
     flops += 3.0 * net.flops_per_pixel() * side * side  # per training image

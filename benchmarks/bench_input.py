@@ -102,7 +102,8 @@ def train_step_rate(batch: int, steps: int) -> float:
   fns, states = [], []
   for i, name in enumerate(spec.nets):
     tx = training.make_optimizer(spec, name, cfg)
-    states.append(training.replicate(training.init_state(jax.random.key(i), spec.nets[name], tx),
+    states.append(training.replicate(training.init_state(jax.random.key(i), spec.nets[name], tx,
+                                                         cfg),
                                      mesh))
     fns.append(training.make_train_step(spec, name, tx, cfg, mesh))
   images = training.global_batch(np.random.default_rng(0).random((batch, 160, 160, 1),

@@ -2,18 +2,20 @@ r"""Train-step and forward speed of the three BF-CNNs: JAX (each conv lowering) 
 
   python benchmarks/bench_nets.py            # all cases
   python benchmarks/bench_nets.py --repeats=3 --cases=cond9
+  python benchmarks/bench_nets.py --isa=generic     # the portable kernels instead of the CPU's best
 
 Same machine, same run, same thread count, float32, medians after warm-up. A train step is
 forward + loss + backward + Adam update on a given noisy batch. GFLOP/s counts the direct
 convolution's 2 x multiply-adds (train step: 3 x forward), on both sides: the native 3x3
 layers run as Winograd F(2x2, 3x3), which does 2.25x fewer multiplies, so JAX's figures are
 effective rates and can exceed the matrix-product peak, measured here too for XLA and PyTorch.
-impl 'auto' is the native AVX-512 kernel where it is built; 'xla' is XLA's convolutions.
+impl 'auto' runs the native kernels of the ISA printed first (--isa forces one: avx512, avx2,
+generic); 'xla' is XLA's convolutions.
 """
 import argparse
 
-from common import (calibrated_variables, gflops, jax_train_step, median_time, rng_images,
-                    table, torch_net, torch_threads)
+from common import (add_isa_argument, calibrated_variables, gflops, jax_train_step,
+                    median_time, rng_images, table, torch_net, torch_threads, use_isa)
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -99,7 +101,9 @@ def main():
   parser.add_argument("--impls", default=",".join(IMPLS))
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--tiny", action="store_true", help="smoke test: 3 layers, 16x16, batch 2")
+  add_isa_argument(parser)
   args = parser.parse_args()
+  print(use_isa(args.isa))
   if args.tiny:
     for k, (title, spec, _, _) in list(CASES.items()):
       small = models.NetSpec(spec.kind, spec.in_channels, spec.out_channels, (3, 3, 3), 8,

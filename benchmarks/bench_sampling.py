@@ -3,6 +3,7 @@ way the authors run it (one image at a time).
 
   python benchmarks/bench_sampling.py                 # 200 low-pass + 80 + 80 steps per image
   python benchmarks/bench_sampling.py --low_steps=8521  # the release's full low-pass ascent
+  python benchmarks/bench_sampling.py --isa=avx2        # another ISA's native kernels
 
 Both sides run the release's algorithm and settings (method.md §5: low-pass beta 0.01, fixed
 h 0.01; conditional scales h0 0.01 ascending, beta 0.5) with the same nets (the released RF 13
@@ -16,7 +17,8 @@ import dataclasses
 import statistics
 import time
 
-from common import release_or_random, table, torch_net, torch_threads
+from common import (add_isa_argument, release_or_random, table, torch_net, torch_threads,
+                    use_isa)
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -67,7 +69,9 @@ def main():
   parser.add_argument("--torch_images", type=int, default=1)
   parser.add_argument("--release_low_steps", type=int, default=8521)
   parser.add_argument("--repeats", type=int, default=3, help="alternating timing rounds")
+  add_isa_argument(parser)
   args = parser.parse_args()
+  print(use_isa(args.isa))
   threads = torch_threads()
   params, which = load_model()
   never = dict(sigma_L=1e-30, abort_sigma=float("inf"))  # fixed step counts on both sides

@@ -31,6 +31,27 @@ def release_or_random(name: str, spec):
   return models.init_model(jax.random.key(0), spec), "random"
 
 
+def add_isa_argument(parser) -> None:
+  from wcdm_jax import conv  # pylint: disable=g-import-not-at-top
+  parser.add_argument("--isa", default="auto", choices=conv.ISA_CHOICES,
+                      help="native kernels to use (WCDM_JAX_NATIVE_ISA): auto = the CPU's best")
+
+
+def use_isa(isa: str) -> str:
+  """Make 'auto' convolutions use ``isa``; returns a line naming the CPU and the ISA in use.
+  Exits with one line when the CPU lacks it."""
+  from wcdm_jax import conv, native_build  # pylint: disable=g-import-not-at-top
+  os.environ["WCDM_JAX_NATIVE_ISA"] = isa
+  conv.native_isa.cache_clear()
+  conv.native_available.cache_clear()
+  try:
+    in_use = conv.native_isa()
+  except conv.NativeIsaError as e:
+    sys.exit(f"error: {e}")
+  return (f"CPU: {native_build.cpu_name()} (runs: {', '.join(native_build.cpu_isas())}); "
+          f"convolutions: {'native ' + in_use if in_use else 'XLA'}")
+
+
 def median_time(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> float:
   """Median wall time of ``fn()`` in seconds after ``warmup`` calls (fn must block)."""
   for _ in range(warmup):

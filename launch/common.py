@@ -20,6 +20,15 @@ def setup_logging() -> None:
   _LOGGER.propagate = False
 
 
+def check_native_setting() -> None:
+  """End the program with one line when WCDM_JAX_NATIVE_ISA is impossible on this CPU."""
+  from wcdm_jax import conv  # pylint: disable=g-import-not-at-top
+  try:
+    conv.check_native_setting()
+  except conv.NativeIsaError as e:
+    fail(e)
+
+
 def log(msg: str) -> None:
   _LOGGER.info(msg)
 
@@ -118,6 +127,13 @@ def fail(error, code: int = 1) -> None:
     traceback.print_exception(error)
   print(f"error: {error}", file=sys.stderr)
   sys.exit(code)
+
+
+def set_explicitly(flag_values, name: str) -> bool:
+  """Whether flag ``name`` was given (command line or flagfile) with another value than its
+  default: saved flagfiles list every flag, defaults included."""
+  flag = flag_values[name]
+  return flag.present and flag.value != flag.default
 
 
 def flags_text(flag_values, path: str) -> str:

@@ -9,6 +9,14 @@ Gaussian with std --noise_levels (/255), drawn from fixed seeds, so runs are com
 OUT/psnr.json, OUT/psnr.png (output PSNR against input PSNR, identity line, one curve per model,
 flat and multi-scale panels) and, with --filters, OUT/filters.png (rows of each model's
 Jacobian: the adaptive averaging it applies around a few pixels).
+
+With --nll, also the negative log-likelihood bound of every model on the same images, in bits
+per pixel with its per-scale breakdown and standard errors (wcdm_jax.likelihood; the same
+noise for every model, so differences are paired): OUT/nll.json and OUT/nll.png.
+
+  python launch/evaluate.py --models=models/flat_celebA_160x160_gray_rf43,models/ms_celebA_160x160_gray_rf13 \
+      --images=folder:../shared/data/celeba-aligned --crop=celeba --image_size=160 --num_images=32 \
+      --nll --nopsnr --out=eval/nll
 """
 import json
 import os
@@ -40,6 +48,18 @@ flags.DEFINE_integer("batch_size", 8, "Images per denoiser call.", lower_bound=1
 flags.DEFINE_string("out", "eval", "Output directory.")
 flags.DEFINE_bool("filters", False, "Also plot adaptive filters (Jacobian rows).")
 flags.DEFINE_float("filter_sigma", 60.0, "Noise std (/255) of the adaptive-filter figure.")
+flags.DEFINE_bool("psnr", True, "Denoising PSNR curves (psnr.json, psnr.png).")
+flags.DEFINE_bool("nll", False, "Negative log-likelihood bound in bits per pixel (nll.json, "
+                  "nll.png).")
+flags.DEFINE_integer("nll_evals", 64, "--nll: denoiser evaluations per image and scale.",
+                     lower_bound=1)
+flags.DEFINE_integer("nll_replicas", 4, "--nll: shifted lattices (standard error from their "
+                     "spread).", lower_bound=2)
+flags.DEFINE_float("nll_sigma_min", 0.25, "--nll: smallest noise std (/255).")
+flags.DEFINE_float("nll_sigma_max", 255.0, "--nll: largest noise std (/255): the nets' "
+                   "training range.")
+flags.DEFINE_integer("nll_bits", 8, "--nll: bit depth of the images (0 = continuous).",
+                     lower_bound=0, upper_bound=16)
 flags.mark_flag_as_required("models")
 
 
@@ -47,7 +67,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   common.setup_logging()
-  from wcdm_jax import evaluation, plots  # pylint: disable=g-import-not-at-top
+  common.check_native_setting()
+  from wcdm_jax import evaluation, likelihood, plots  # pylint: disable=g-import-not-at-top
+  if not (FLAGS.psnr or FLAGS.nll):
+    raise app.UsageError("--nopsnr without --nll leaves nothing to evaluate")
+  nll_cfg = None
+  if FLAGS.nll:
+    try:
+      nll_cfg = likelihood.LikelihoodConfig(
+          FLAGS.nll_evals, FLAGS.nll_replicas, FLAGS.nll_sigma_min / 255, FLAGS.nll_sigma_max / 255,
+          2 ** FLAGS.nll_bits if FLAGS.nll_bits else 0)
+    except ValueError as e:
+      raise app.UsageError(f"--nll_*: {e}") from e
   names = FLAGS.names or [os.path.basename(os.path.normpath(m)) for m in FLAGS.models]
   if len(names) != len(FLAGS.models):
     raise app.UsageError("--names needs one label per --models entry")
@@ -61,6 +92,25 @@ def main(argv):
   images = common.load_images(FLAGS.images, size, channels, FLAGS.crop, FLAGS.num_images,
                               FLAGS.split, FLAGS.eval_fraction)
   common.log(f"{len(images)} images of {size}x{size} from {FLAGS.images}")
+  os.makedirs(FLAGS.out, exist_ok=True)
+  if FLAGS.nll:
+    nll = {}
+    for name, params in models.items():
+      r = likelihood.dataset_log_prob(params, images, seed=FLAGS.seed, config=nll_cfg,
+                                      batch_size=FLAGS.batch_size)
+      common.require_finite(f"the log-likelihood of model {name!r}", r["bits_per_pixel"])
+      r["kind"] = "multi-scale" if params.spec.levels else "flat"
+      nll[name] = r
+      terms = ", ".join(f"{k} {v:.3f}" for k, v in r["scales"].items())
+      common.log(f"{name}: {r['bits_per_pixel']:.4f} bits/pixel (Monte Carlo s.e. "
+                 f"{r['mc_stderr']:.4f}, over images {r['stderr_over_images']:.4f}); {terms}")
+    with open(os.path.join(FLAGS.out, "nll.json"), "w") as f:
+      json.dump({"images": FLAGS.images, "num_images": len(images), "image_size": size,
+                 "split": FLAGS.split, "models": nll}, f, indent=1)
+    common.log("wrote " + plots.likelihood_bars(nll, os.path.join(FLAGS.out, "nll.png")))
+    common.log(f"wrote {os.path.join(FLAGS.out, 'nll.json')}")
+  if not FLAGS.psnr:
+    return
   results = {}
   for name, params in models.items():
     curve = evaluation.denoising_curve(params, images, [s / 255 for s in levels], FLAGS.seed,
@@ -71,7 +121,6 @@ def main(argv):
     curve["kind"] = "multi-scale" if params.spec.levels else "flat"
     results[name] = curve
     common.log(f"{name}: " + " ".join(f"{s:g}:{o:.2f}" for s, o in zip(levels, curve["psnr_out"])))
-  os.makedirs(FLAGS.out, exist_ok=True)
   with open(os.path.join(FLAGS.out, "psnr.json"), "w") as f:
     json.dump({"images": FLAGS.images, "num_images": len(images), "image_size": size,
                "split": FLAGS.split, "seed": FLAGS.seed, "models": results}, f, indent=1)

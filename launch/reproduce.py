@@ -53,7 +53,9 @@ flags.DEFINE_integer("features", 64, "Hidden channels.", lower_bound=1)
 # Optimisation: the same for every net (level_multiplier 1: the same images seen per net).
 flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
 flags.DEFINE_integer("num_steps", 1000, "Steps of every grey net.", lower_bound=1)
-flags.DEFINE_integer("lr_halve_every", 300, "Steps between learning-rate halvings.", lower_bound=1)
+flags.DEFINE_enum("recipe", "default", ["default", "paper"], "train.py's --recipe.")
+flags.DEFINE_integer("lr_halve_every", 300, "--recipe=paper: steps between learning-rate "
+                     "halvings (scaled to each run's steps).", lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("colour_steps", 500, "Steps of every net of the colour model.",
                      lower_bound=1)
@@ -104,8 +106,9 @@ def _train_args(name: str, steps: int, colour: bool = False) -> list[str]:
           f"--num_layers={FLAGS.num_layers}", f"--low_num_layers={FLAGS.low_num_layers}",
           f"--low_rf={FLAGS.low_rf}", f"--features={FLAGS.features}",
           f"--batch_size={FLAGS.batch_size}", f"--num_steps={steps}",
-          f"--learning_rate={FLAGS.learning_rate}",
-          f"--lr_halve_every={FLAGS.lr_halve_every * steps // FLAGS.num_steps or 1}",
+          f"--learning_rate={FLAGS.learning_rate}", f"--recipe={FLAGS.recipe}"] + (
+              [f"--lr_halve_every={FLAGS.lr_halve_every * steps // FLAGS.num_steps or 1}"]
+              if FLAGS.recipe == "paper" else []) + [
           "--level_multiplier=1", f"--seed={FLAGS.seed}", f"--log_every={FLAGS.log_every}",
           f"--eval_every={FLAGS.eval_every}", f"--checkpoint_every={FLAGS.checkpoint_every}",
           f"--conv_impl={FLAGS.conv_impl}"]
@@ -132,10 +135,14 @@ def main(argv):
   if FLAGS.small_rf >= FLAGS.large_rf:
     raise app.UsageError(f"--small_rf ({FLAGS.small_rf}) must be below --large_rf "
                          f"({FLAGS.large_rf})")
+  if common.set_explicitly(FLAGS, "lr_halve_every") and FLAGS.recipe != "paper":
+    raise app.UsageError("--lr_halve_every applies to --recipe=paper (the default recipe decays "
+                         "the learning rate on a cosine)")
   if not FLAGS.data.startswith("folder:"):
     raise app.UsageError("--data must be 'folder:/path': the held-out files of the folder are "
                          "the test set")
   common.setup_logging()
+  common.check_native_setting()
   os.makedirs(FLAGS.workdir, exist_ok=True)
   full = set(FLAGS.stages) == set(STAGES)  # a partial rerun keeps the full run's record
   common.write_flags(FLAGS, os.path.join(FLAGS.workdir, "reproduce.flags" if full

@@ -5,9 +5,12 @@ r"""Sample, super-resolve and denoise with a trained or imported model; writes P
       --model=models/ms_celebA_160x160_gray_rf13
 
 Outputs in --out: samples.png (grid), progression.png (low-pass, then each finer scale),
-superres.png and denoising.png when --images is given, and samples.npz (raw arrays).
+superres.png and denoising.png when --images is given, samples.npz (raw arrays) and
+samples.json (per scale: steps taken, how many samples stopped at the step cap before their
+stop rule or aborted; the PSNRs).
 """
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -52,6 +55,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
   common.setup_logging()
+  common.check_native_setting()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -94,7 +98,29 @@ def main(argv):
                                              flips=False), FLAGS.num_images, FLAGS.seed, "eval")
     except (ValueError, ImportError) as e:
       common.fail(f"--images={FLAGS.images}: {e}")
-  arrays = {}
+  arrays, summary = {}, {}
+
+  def ascent_report(what, infos, names, caps):  # per-scale convergence: log + samples.json
+    scales = []
+    for info, name, cap in zip(infos, names, caps):
+      steps = np.asarray(info.steps)
+      capped = int(np.sum(~np.asarray(info.converged) & ~np.asarray(info.aborted)))
+      scales.append(dict(scale=name, max_steps=cap, steps=steps.tolist(), hit_step_cap=capped,
+                         aborted=int(np.sum(info.aborted)), converged=int(np.sum(info.converged))))
+    summary[what] = scales
+    line = "; ".join(f"{s['scale']}: steps {min(s['steps'])}-{max(s['steps'])}" +
+                     (f", {s['hit_step_cap']} of {len(s['steps'])} hit the step cap "
+                      f"{s['max_steps']} before sigma_L" if s["hit_step_cap"] else "") +
+                     (f", {s['aborted']} aborted" if s["aborted"] else "") for s in scales)
+    common.log(f"{what} (coarse first): {line}")
+    bad = [s["scale"] for s in scales if s["hit_step_cap"] or s["aborted"]]
+    if bad:
+      common.log(f"warning: {what} did not converge at {', '.join(bad)} for some samples; raise "
+                 "--low_max_steps / --cond_max_steps or the step size h0")
+    return bool(bad)
+
+  level_names = [f"level {j}" for j in reversed(range(spec.levels))]
+  level_caps = [c.max_steps for c in reversed(conds)]
   stages = (1 if FLAGS.num_samples else 0) + (2 if FLAGS.images else 0)
   bar = reporting.ProgressBar(stages, "sample")
   done = 0
@@ -109,10 +135,10 @@ def main(argv):
     images.block_until_ready()
     dt = time.time() - t0
     common.require_finite("the samples", images)
-    steps = [np.asarray(i.steps).tolist() for i in infos]
     common.log(f"{FLAGS.num_samples} samples in {dt:.1f} s, compilation included "
-               f"({60 * FLAGS.num_samples / dt:.1f} images/min); steps per scale (coarse first): "
-               f"{steps}; aborted: {[int(np.sum(i.aborted)) for i in infos]}")
+               f"({60 * FLAGS.num_samples / dt:.1f} images/min)")
+    ascent_report("sampling", infos, ["low-pass" if spec.levels else "flat"] + level_names,
+                  [low_cfg.max_steps] + level_caps)
     if FLAGS.time_repeats:
       t0 = time.time()
       for _ in range(FLAGS.time_repeats):
@@ -132,12 +158,17 @@ def main(argv):
     rows = [clean]
     if spec.levels:
       low = wcdm_jax.decompose(clean, spec.levels, spec.wavelet, spec.mode).low
-      sr = sampling.super_resolve(jax.random.key(FLAGS.seed + 1), params, low, cond_config=conds)
+      sr, _, sr_infos = sampling.super_resolve(jax.random.key(FLAGS.seed + 1), params, low,
+                                               cond_config=conds, return_intermediates=True)
       common.require_finite("the super-resolved images", sr)
       arrays.update(low_res=np.asarray(low), super_resolved=np.asarray(sr))
       rows += [low, sr]
-      common.log(f"super-resolution x{2 ** spec.levels}: PSNR "
-                 f"{float(evaluation.psnr(sr, clean).mean()):.2f} dB (a sample, not an estimate)")
+      capped = ascent_report(f"super-resolution x{2 ** spec.levels}", sr_infos, level_names,
+                             level_caps)
+      sr_psnr = float(evaluation.psnr(sr, clean).mean())
+      summary["superres_psnr"] = sr_psnr
+      common.log(f"super-resolution x{2 ** spec.levels}: PSNR {sr_psnr:.2f} dB (a sample, not an "
+                 "estimate" + ("; NOT converged, see above)" if capped else ")"))
       save_grid("superres.png", rows)
     done += 1
     bar.update(done)
@@ -148,14 +179,17 @@ def main(argv):
       common.require_finite(f"the denoised images (sigma {s})", den)
       arrays[f"noisy_{s}"], arrays[f"denoised_{s}"] = np.asarray(noisy), np.asarray(den)
       rows += [noisy, den]
-      common.log(f"denoising sigma={s}: {float(evaluation.psnr(noisy, clean).mean()):.2f} dB -> "
-                 f"{float(evaluation.psnr(den, clean).mean()):.2f} dB")
+      p_in, p_out = (float(evaluation.psnr(v, clean).mean()) for v in (noisy, den))
+      summary.setdefault("denoising", []).append(dict(sigma=s, noisy_psnr=p_in, psnr=p_out))
+      common.log(f"denoising sigma={s}: {p_in:.2f} dB -> {p_out:.2f} dB")
     save_grid("denoising.png", rows)
     done += 1
     bar.update(done)
   bar.close()
   np.savez(os.path.join(out, "samples.npz"), **arrays)
-  common.log(f"wrote {os.path.join(out, 'samples.npz')}")
+  with open(os.path.join(out, "samples.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  common.log(f"wrote {os.path.join(out, 'samples.npz')} and samples.json")
 
 
 if __name__ == "__main__":

@@ -46,11 +46,27 @@ flags.DEFINE_integer("num_layers", 21, "Layers of the conditional / flat nets.",
 flags.DEFINE_integer("low_num_layers", 20, "Layers of the low-pass net.", lower_bound=2)
 flags.DEFINE_integer("features", 64, "Channels of the hidden layers.", lower_bound=1)
 # Optimisation.
+flags.DEFINE_enum("recipe", "default", ["default", "paper"], "Optimisation recipe: 'paper' is "
+                  "method.md §4 exactly (Adam, halvings, no warm-up, no EMA); 'default' adds a "
+                  "warm-up, a cosine decay and an EMA of the weights (wcdm_jax.training.RECIPES, "
+                  "docs/training.md). The flags below override single settings of it.")
+flags.DEFINE_enum("schedule", None, ["halving", "cosine"], "Learning-rate decay (default: the "
+                  "recipe's): halving every --lr_halve_every steps, or cosine to 1% over the run.")
+flags.DEFINE_integer("warmup_steps", None, "Linear warm-up steps of the finest net (default: the "
+                     "recipe's; -1 = min(200, num_steps // 10)).", lower_bound=-1)
+flags.DEFINE_string("clip_factor", None, "Clip the gradient norm at this many times its running "
+                    "mean ('none': no clipping; default: the recipe's).")
+flags.DEFINE_float("ema_decay", None, "Decay of the weights' moving average used for evaluation, "
+                   "sampling and the saved model (0: none; default: the recipe's).")
+flags.DEFINE_string("gain_init", None, "Initial batch-norm gains: 'paper' (N(0,1) 2/9/64, "
+                    "clipped to 0.025) or a constant (default: the recipe's).")
+flags.DEFINE_float("bn_momentum", None, "Batch-norm running-std momentum (default: the "
+                   "recipe's, 0.1).")
 flags.DEFINE_integer("batch_size", 512, "Global batch size.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("num_steps", 10000, "Steps of the finest net.", lower_bound=1)
-flags.DEFINE_integer("lr_halve_every", 1000, "Finest net's steps between lr halvings.",
-                     lower_bound=1)
+flags.DEFINE_integer("lr_halve_every", 1000, "Finest net's steps between lr halvings "
+                     "(--schedule=halving).", lower_bound=1)
 flags.DEFINE_float("level_multiplier", 4.0, "Net at level j trains multiplier**j x longer.",
                    lower_bound=0.0)
 flags.DEFINE_integer("noise_min", 0, "Smallest noise std, /255.", lower_bound=0)
@@ -59,8 +75,8 @@ flags.DEFINE_bool("quadratic_noise", True, "Square the sampled std (favours smal
 flags.DEFINE_bool("intensity_augmentation", True, "Scale low-pass images by U(0, 1).")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, noise and data order.")
 flags.DEFINE_enum("conv_impl", "auto", ["auto", "native", "xla", "xla_autodiff", "matmul"],
-                  "How convolutions run: auto = native AVX-512 kernel on CPU where built, else XLA "
-                  "(see wcdm_jax.models.conv2d).")
+                  "How convolutions run: auto = the native kernels of the CPU's ISA (AVX-512, "
+                  "AVX2) where built, else XLA; WCDM_JAX_NATIVE_ISA forces one (wcdm_jax.conv).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the nets' "
                   "convolutions (parameters, statistics and the loss stay float32).")
 flags.DEFINE_integer("data_workers", -1, "Parallel input decoders (-1 = one per core up to "
@@ -91,10 +107,32 @@ flags.DEFINE_integer("stop_after", 0, "Stop after this many steps of this run (0
                      lower_bound=0)
 
 
+def _number_or(text: str, word: str, flag: str) -> float | None:
+  """``word`` -> None, else the number (a UsageError naming the flag otherwise)."""
+  if text.strip().lower() == word:
+    return None
+  try:
+    return float(text)
+  except ValueError:
+    raise app.UsageError(f"--{flag}={text!r}: give a number or '{word}'") from None
+
+
+def _recipe_overrides() -> dict:
+  """The recipe settings given on the command line (the others stay the recipe's)."""
+  out = {k: getattr(FLAGS, k) for k in ("schedule", "warmup_steps", "ema_decay", "bn_momentum")
+         if getattr(FLAGS, k) is not None}
+  if FLAGS.clip_factor is not None:
+    out["clip_factor"] = _number_or(FLAGS.clip_factor, "none", "clip_factor")
+  if FLAGS.gain_init is not None:
+    out["gain_init"] = _number_or(FLAGS.gain_init, "paper", "gain_init")
+  return out
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
   common.setup_logging()
+  common.check_native_setting()
   # pylint: disable-next=g-import-not-at-top
   from wcdm_jax import checkpoints, data, models, pipeline, trainer, training
   if FLAGS.noise_max < FLAGS.noise_min:
@@ -112,9 +150,9 @@ def main(argv):
     data_cfg = data.DataConfig(FLAGS.data, FLAGS.image_size, channels, FLAGS.crop,
                                FLAGS.eval_fraction, FLAGS.flips, FLAGS.max_images,
                                FLAGS.max_bad_fraction)
-    cfg = training.TrainConfig(
-        batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, num_steps=FLAGS.num_steps,
-        lr_halve_every=FLAGS.lr_halve_every, level_multiplier=FLAGS.level_multiplier,
+    cfg = training.TrainConfig.from_recipe(
+        FLAGS.recipe, **_recipe_overrides(), batch_size=FLAGS.batch_size,
+        learning_rate=FLAGS.learning_rate, num_steps=FLAGS.num_steps, lr_halve_every=FLAGS.lr_halve_every, level_multiplier=FLAGS.level_multiplier,
         noise_min=FLAGS.noise_min, noise_max=FLAGS.noise_max,
         quadratic_noise=FLAGS.quadratic_noise,
         intensity_augmentation=FLAGS.intensity_augmentation, seed=FLAGS.seed,
@@ -130,6 +168,10 @@ def main(argv):
             FLAGS, os.path.join(FLAGS.workdir, "train.flags"))),))
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  if common.set_explicitly(FLAGS, "lr_halve_every") and cfg.schedule != "halving":
+    raise app.UsageError(f"--lr_halve_every applies to --schedule=halving, but this run's schedule "
+                         f"is {cfg.schedule!r} (--recipe={FLAGS.recipe}); drop it or add "
+                         "--schedule=halving")
   if FLAGS.dry_run:
     for name, net in spec.nets.items():
       common.log(f"{name}: RF {net.rf}, {net.num_layers} layers, {net.features} features, "
@@ -146,9 +188,14 @@ def main(argv):
   except (ValueError, FileNotFoundError, checkpoints.CheckpointError,
           checkpoints.NonFiniteError, pipeline.InputError) as e:
     common.fail(e)
+  comparison = final.pop(trainer.DENOISING, None)
   for name, m in final.items():
     common.log(f"final {name}: noisy {m['psnr_noisy']:.2f} dB -> denoised "
                f"{m['psnr_denoised']:.2f} dB")
+  for r in comparison or ():
+    common.log(f"held-out denoising, sigma {r['sigma']:g}: model {r['model']:.2f} dB, noisy "
+               f"{r['noisy']:.2f} dB, best Gaussian filter {r['gaussian']:.2f} dB (std "
+               f"{r['gaussian_width']:.2f} px): model - Gaussian {r['model'] - r['gaussian']:+.2f} dB")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,38 @@
 """Test setup: 4 simulated CPU devices, and paths to ../shared (tests using it skip cleanly)."""
 import os
+import tempfile
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the test processes and the CLIs they start: most
+# tests compile the same small programs again (train.py runs, resumes, kills); results are the
+# same either way, the cache only skips recompiling.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"wcdm_jax_test_xla_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
+
+
+def _pin_xdist_worker() -> None:
+  """Give each pytest-xdist worker its own share of the cores (children inherit it).
+
+  XLA:CPU's thread pool spins while it waits for work; two workers (and the CLIs they start)
+  each sized to every core make each other 5-8x slower on 2 cores. Pinned, each worker's XLA
+  sizes its pool to its share, and tests that need every core (thread-count checks) widen
+  their child process's affinity themselves.
+  """
+  worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+  if not (worker and count and hasattr(os, "sched_setaffinity")):
+    return
+  cpus, n, i = sorted(os.sched_getaffinity(0)), int(count), int(worker.lstrip("gw"))
+  os.environ.setdefault("WCDM_TEST_ALL_CPUS", ",".join(map(str, cpus)))
+  share = cpus[i * len(cpus) // n:(i + 1) * len(cpus) // n] or [cpus[i % len(cpus)]]
+  os.sched_setaffinity(0, share)
+
+
+_pin_xdist_worker()
 
 import pytest  # pylint: disable=g-import-not-at-top
 
@@ -13,6 +41,34 @@ SHARED = os.environ.get("WCDM_SHARED", os.path.join(os.path.dirname(REPO), "shar
 FIXTURES = os.path.join(SHARED, "reference", "fixtures")
 RELEASE = os.path.join(SHARED, "reference", "lcv-denoisers")
 DATA = os.path.join(SHARED, "data")
+
+
+# The slowest files first, so that two workers (--dist loadfile) finish together.
+_SLOW_FIRST = ("test_determinism", "test_reproduce", "test_training", "test_benchmarks",
+               "test_multiprocess", "test_models", "test_inverse", "test_robustness", "test_api",
+               "test_native_build", "test_launch_tools", "test_colab", "test_flags")
+
+
+def pytest_collection_modifyitems(items):
+  rank = lambda item: (_SLOW_FIRST.index(item.module.__name__)
+                       if getattr(item, "module", None) and item.module.__name__ in _SLOW_FIRST
+                       else len(_SLOW_FIRST))
+  items.sort(key=rank)  # stable: the order within a file is kept
+
+
+def native_variants() -> list[str]:
+  """Every native kernel variant this machine can run: each ISA of its CPU (avx512, avx2,
+  generic) and 'generic16', the portable source at the AVX-512 tile geometry. Empty only
+  without a C++ compiler (then the native tests skip, saying so)."""
+  from wcdm_jax import native_build  # pylint: disable=g-import-not-at-top
+  isas = list(native_build.cpu_isas())
+  return isas + ["generic16"] if isas else []
+
+
+def all_cpus() -> list[int]:
+  """The cores this test run may use (an xdist worker itself is pinned to its share)."""
+  text = os.environ.get("WCDM_TEST_ALL_CPUS")
+  return [int(c) for c in text.split(",")] if text else sorted(os.sched_getaffinity(0))
 
 
 def shared_path(*parts: str) -> str:

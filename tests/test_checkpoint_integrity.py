@@ -93,7 +93,7 @@ def test_corrupt_latest_step_falls_back(trained, tmp_path, how):
 def _target():
   net = SPEC.nets["low"]
   tx = training.make_optimizer(SPEC, "low", CFG)
-  return training.init_state(jax.random.key(0), net, tx).as_dict()
+  return training.init_state(jax.random.key(0), net, tx, CFG).as_dict()
 
 
 def test_no_intact_step_is_a_clear_error(trained, tmp_path):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from wcdm_jax import models
+from wcdm_jax import conv
 
 TRAIN = os.path.join(REPO, "launch", "train.py")
 TINY = ["--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5", "--num_layers=3",
@@ -41,7 +41,7 @@ def test_flagfile_round_trip(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
     (["--batch_size=-3"], "batch_size"),
-    (["--conv_impl=cuda"], f"value should be one of <{'|'.join(models.CONV_IMPLS)}>"),
+    (["--conv_impl=cuda"], f"value should be one of <{'|'.join(conv.CONV_IMPLS)}>"),
     (["--cond_rf=8"], "receptive field 8 is impossible"),
     (["--image_size=18", "--levels=2"], "crop to 16x16 or pad to 20x20"),
 ])

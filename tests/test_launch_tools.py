@@ -16,12 +16,13 @@ from wcdm_jax import data, models, trainer, training
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-  """A small J = 1 model trained enough to denoise (60 steps)."""
+  """A small J = 1 model trained enough to denoise (60 steps at a constant learning rate: the
+  paper's recipe, whose first halving comes later, denoises soonest at such a budget)."""
   wd = str(tmp_path_factory.mktemp("tiny"))
   spec = models.multiscale_spec(1, cond_rf=5, low_rf=5, image_size=(16, 16), num_layers=3,
                                 low_num_layers=3, features=8)
-  cfg = training.TrainConfig(batch_size=16, num_steps=60, level_multiplier=1,
-                             learning_rate=3e-3, noise_max=128)
+  cfg = training.TrainConfig.from_recipe("paper", batch_size=16, num_steps=60,
+                                         level_multiplier=1, learning_rate=3e-3, noise_max=128)
   trainer.train(spec, data.DataConfig(image_size=16), cfg,
                 trainer.RunConfig(wd, eval_batch_size=4, noise_scale_batches=1, figure=False),
                 log=lambda m: None)
@@ -43,6 +44,17 @@ def test_sample_tool(tiny_model, tmp_path):
   assert "images/min" in res.stdout
   for f in ("samples.png", "progression.png", "superres.png", "denoising.png", "samples.npz"):
     assert (tmp_path / f).exists(), f
+  # 10 steps cannot bring sigma from 1 to sigma_L: every scale of every sample hit the cap,
+  # and the log and samples.json say so instead of presenting the results as converged.
+  with open(tmp_path / "samples.json") as f:
+    summary = json.load(f)
+  for what, names in (("sampling", ["low-pass", "level 0"]), ("super-resolution x2", ["level 0"])):
+    assert [s["scale"] for s in summary[what]] == names
+    for s in summary[what]:
+      assert s["steps"] == [10, 10] and s["hit_step_cap"] == 2 and s["converged"] == 0, s
+  assert "2 of 2 hit the step cap 10 before sigma_L" in res.stdout
+  assert "NOT converged" in res.stdout and res.stdout.count("did not converge") == 2
+  assert [d["sigma"] for d in summary["denoising"]] == [0.1, 0.2]
   a = np.load(tmp_path / "samples.npz")
   assert a["samples"].shape == (2, 16, 16, 1)
   assert a["super_resolved"].shape == (2, 16, 16, 1) and a["low_res"].shape == (2, 8, 8, 1)
@@ -84,6 +96,26 @@ def test_evaluate_tool(tiny_model, tmp_path):
     assert a["psnr_out"][i] == pytest.approx(_psnr(den, images), abs=1e-3)
   assert a["psnr_out"][1] > a["psnr_in"][1] + 1.0  # a trained model denoises
   assert (tmp_path / "psnr.png").exists() and (tmp_path / "filters.png").exists()
+
+
+def test_evaluate_nll(tiny_model, tmp_path):
+  """--nll: bits per pixel per model with its terms; by value equal to the library's."""
+  _run("evaluate.py", f"--models={tiny_model}", "--names=m", "--images=embedded",
+       "--num_images=3", "--nll", "--nopsnr", "--nll_evals=4", "--nll_replicas=2",
+       "--batch_size=2", f"--out={tmp_path}")
+  assert not (tmp_path / "psnr.json").exists() and (tmp_path / "nll.png").exists()
+  with open(tmp_path / "nll.json") as f:
+    m = json.load(f)["models"]["m"]
+  assert sorted(m["scales"]) == ["cond0", "dequantization", "log_det", "low"]
+  assert m["num_images"] == 3 and m["mc_stderr"] > 0
+  assert m["bits_per_pixel"] == pytest.approx(sum(m["scales"].values()), rel=1e-6)
+  sys.path.insert(0, REPO)
+  from launch import common  # pylint: disable=g-import-not-at-top
+  images = common.load_images("embedded", 16, 1, "none", 3)
+  cfg = wcdm_jax.LikelihoodConfig(num_evals=4, replicas=2, sigma_max=1.0)
+  ref = wcdm_jax.likelihood.dataset_log_prob(wcdm_jax.load_params(tiny_model), images,
+                                             config=cfg, batch_size=3)  # batch size: no effect
+  assert m["per_image"] == pytest.approx(ref["per_image"], rel=1e-5)
 
 
 def test_import_tool(tmp_path):

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wcdm_jax import models, native_conv
+from conftest import native_variants
+from wcdm_jax import conv, models, native_build
 
 
 def _random_bn(variables, key):
@@ -103,7 +104,7 @@ def test_wrong_channels_message():
 
 
 def _impls():
-  return ("xla", "matmul", "auto") + (("native",) if native_conv.available() else ())
+  return ("xla", "matmul", "auto") + (("native",) if conv.native_available() else ())
 
 
 # Shapes reach each native path: XLA fallback (Cout 7), direct 3x3 (Cin 8), Winograd 3x3 with
@@ -112,61 +113,47 @@ def _impls():
                                                (2, 32, 16, 5), (2, 16, 48, 1)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_conv_impls_agree_in_value_and_gradients(batch, cin, cout, k, relu):
-  """Every conv impl (native AVX-512 kernel included) is the same function, gradients too."""
+  """Every conv impl (the native kernels included) is the same function, gradients too."""
   x = jax.random.normal(jax.random.key(0), (batch, 11, 9, cin))
   kern = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) / (k * np.sqrt(cin))
-  loss = lambda impl: lambda x, kern: jnp.sum(jnp.sin(3 * models.conv2d(x, kern, impl, relu)))
+  loss = lambda impl: lambda x, kern: jnp.sum(jnp.sin(3 * conv.conv2d(x, kern, impl, relu)))
   ref = jax.jit(jax.value_and_grad(loss("xla_autodiff"), argnums=(0, 1)))(x, kern)
   assert float(jnp.abs(ref[1][1]).max()) > 0.1  # a gradient that can show a difference
   for impl in _impls():
     out = jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1)))(x, kern)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), out, ref)
   with pytest.raises(ValueError, match="conv impl must be one of"):
-    models.conv2d(x, kern, "cuda")
+    conv.conv2d(x, kern, "cuda")
 
 
-def test_native_kernels_build_where_they_can():
-  """With AVX-512 and a C++ compiler (the CI machine) the native kernels must be in use."""
-  if not native_conv._cpu_has_avx512() or shutil.which(os.environ.get("CXX", "g++")) is None:
-    pytest.skip("no AVX-512 CPU or no C++ compiler: XLA's convolutions are used")
-  assert native_conv.available()
+def test_native_kernels_are_used_where_they_can_be():
+  """On an x86-64 CPU with AVX2 or AVX-512 and a C++ compiler, 'auto' runs the fastest one."""
+  isas = native_build.cpu_isas()
+  best = next((i for i in conv.AUTO_ISAS if i in isas), None)
+  if best is None:
+    pytest.skip(f"no AVX2 / AVX-512 or no C++ compiler (CPU runs {isas}): XLA is used")
+  assert conv.native_isa() == best and conv.native_available()
   x, kern = jnp.ones((1, 8, 8, 8)), jnp.ones((3, 3, 8, 16))
-  assert native_conv.supports(x, kern) and models._use_native("auto", x, kern)
-  assert not native_conv.supports(x, kern[..., :3])  # Cout % 16 != 0 -> XLA
-  assert not native_conv.supports(x[..., :4], kern[:, :, :4])  # Cin < 8 -> XLA
-  assert not native_conv.supports(x.astype(jnp.bfloat16), kern)
-  # The fused kernel is really what runs: the compiled program calls the FFI target.
-  hlo = jax.jit(lambda x, k: models.conv2d(x, k, "auto")).lower(x, kern).as_text()
-  assert "wcdm_conv_fwd" in hlo
+  assert conv.native_supports(x, kern) and conv.uses_native("auto", x, kern)
+  assert not conv.native_supports(x, kern[..., :3])  # Cout % 16 != 0 -> XLA
+  assert not conv.native_supports(x[..., :4], kern[:, :, :4])  # Cin < 8 -> XLA
+  assert not conv.native_supports(x.astype(jnp.bfloat16), kern)
+  # The fused kernel of that ISA is really what runs: the compiled program calls its target.
+  hlo = jax.jit(lambda x, k: conv.conv2d(x, k, "auto")).lower(x, kern).as_text()
+  assert native_build.target_name("fwd", best) in hlo
 
 
+@pytest.mark.parametrize("isa", native_variants() or ["none"])
 @pytest.mark.parametrize("size", [(1, 1), (2, 7), (8, 8), (13, 6)])
-def test_native_winograd_matches_direct(size):
+def test_native_winograd_matches_direct(isa, size):
   """Winograd F(2x2, 3x3) and the direct kernel agree to float32 round-off, any image size."""
-  if not native_conv.available():
-    pytest.skip("native kernels unavailable")
+  if isa == "none":
+    pytest.skip("no C++ compiler: no native kernels")
   x = jax.random.normal(jax.random.key(0), (3, *size, 32))
   kern = jax.random.normal(jax.random.key(1), (3, 3, 32, 64)) / 17.0
-  assert native_conv.uses_winograd(x, kern)
-  direct = jax.jit(lambda x, k: native_conv.conv(x, k, False, False))(x, kern)
-  wino = jax.jit(lambda x, k: native_conv.conv(x, k, False, True))(x, kern)
+  assert conv.uses_winograd(kern)
+  direct = jax.jit(lambda x, k: conv.native_conv(x, k, False, False, isa))(x, kern)
+  wino = jax.jit(lambda x, k: conv.native_conv(x, k, False, True, isa))(x, kern)
   np.testing.assert_allclose(wino, direct, rtol=1e-5, atol=1e-5 * float(jnp.abs(direct).max()))
-  hlo = jax.jit(lambda x, k: native_conv.conv(x, k)).lower(x, kern).as_text()
-  assert "wcdm_conv_winograd" in hlo
-
-
-def test_native_build_failure_is_reported(monkeypatch, tmp_path):
-  monkeypatch.setenv("CXX", "no-such-compiler-wcdm")
-  with pytest.raises(RuntimeError, match="no C..? compiler"):
-    native_conv.build(str(tmp_path))
-
-
-def test_native_build_falls_back_to_a_temporary_cache(tmp_path):
-  """An unwritable cache directory (here: below a file) does not stop the build."""
-  if shutil.which(os.environ.get("CXX", "g++")) is None:
-    pytest.skip("no C++ compiler")
-  blocker = tmp_path / "not_a_dir"
-  blocker.write_text("")
-  path = native_conv.build(str(blocker / "cache"))
-  assert os.path.isfile(path) and path.startswith(tempfile.gettempdir())
-  assert not path.startswith(str(tmp_path))
+  hlo = jax.jit(lambda x, k: conv.native_conv(x, k, isa=isa)).lower(x, kern).as_text()
+  assert native_build.target_name("winograd", isa) in hlo

@@ -1,20 +1,25 @@
-"""The native CPU kernels at production shapes: value, input gradient and kernel gradient
-against a float64 reference, over every leftover row count of every register tile.
+"""The native CPU kernels at production shapes, for every variant this machine runs: value,
+input gradient and kernel gradient against a float64 reference, over every leftover row count
+of every register tile.
 
-Tiles (wcdm_jax/native/conv_cpu.cc): the direct forward runs rows of n pixels in tiles of
-R = 24 / NV pixels with NV = 4, 2, 1 for Cout % 64, % 32, % 16 (R = 6, 12, 24), n = W - |dx - p|;
-the kernel gradient runs Cin rows in tiles of min(8, 24 / NV) (K-major); Winograd runs
-tiles = (tile rows per item) x ceil(W / 2) through the same forward tiles. Small heights,
-many widths and channel counts: shapes, not sizes.
+Tiles (wcdm_jax/native/conv_cpu.cc), with L lanes a vector and A accumulators: the direct
+forward runs rows of n pixels in tiles of R = A / NV pixels, NV vectors of output channels
+(widest of 4, 2, 1 dividing Cout / L), n = W - |dx - p|; the kernel gradient runs Cin rows in
+tiles of min(8, A / NV) (K-major); Winograd runs tiles = (tile rows per item) x ceil(W / 2)
+through the same forward tiles. AVX-512 and 'generic16': L 16, A 24 (R = 6, 12, 24); AVX2:
+L 8, A 12 (R = 6, 12); generic: L 4, A 12 on x86-64 (R = 3, 6, 12). Small heights, many widths
+and channel counts: shapes, not sizes.
 """
 import jax
 import numpy as np
 import pytest
 
-from wcdm_jax import native_conv
+from conftest import native_variants
+from wcdm_jax import conv
 
-pytestmark = pytest.mark.skipif(not native_conv.available(),
-                                reason="native kernels unavailable (no AVX-512 or no compiler)")
+VARIANTS = native_variants()
+pytestmark = [pytest.mark.skipif(not VARIANTS, reason="no C++ compiler: no native kernels"),
+              pytest.mark.parametrize("isa", VARIANTS or ["none"])]
 
 
 def _reference(x, w, cot, mask):
@@ -38,19 +43,19 @@ def _reference(x, w, cot, mask):
   return y, dx, dw
 
 
-def _check(batch, height, width, cin, cout, k, relu, winograd, seed=0):
+def _check(isa, batch, height, width, cin, cout, k, relu, winograd, seed=0):
   rng = np.random.default_rng(seed + 1000 * width + cin + 7 * cout + k)
   x = rng.standard_normal((batch, height, width, cin)).astype(np.float32)
   w = (rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
   cot = rng.standard_normal((batch, height, width, cout)).astype(np.float32)
-  fn = jax.jit(lambda x, w, c: jax.vjp(lambda x, w: native_conv.conv(x, w, relu, winograd),
-                                       x, w)[1](c) + (native_conv.conv(x, w, relu, winograd),))
+  f = lambda x, w: conv.native_conv(x, w, relu, winograd, isa)
+  fn = jax.jit(lambda x, w, c: jax.vjp(f, x, w)[1](c) + (f(x, w),))
   dx, dw, y = (np.asarray(a) for a in fn(x, w, cot))
   mask = (y > 0) if relu else 1.0
   ry, rdx, rdw = _reference(x, w, cot, mask)
   if relu:
     ry = np.maximum(ry, 0)
-  what = f"B={batch} H={height} W={width} {cin}->{cout} k={k} relu={relu} winograd={winograd}"
+  what = f"{isa}: B={batch} H={height} W={width} {cin}->{cout} k={k} relu={relu} winograd={winograd}"
   for name, a, r in (("value", y, ry), ("input grad", dx, rdx), ("kernel grad", dw, rdw)):
     scale = float(np.abs(r).max()) or 1.0
     np.testing.assert_allclose(a, r, rtol=0, atol=1e-4 * scale, err_msg=f"{name}: {what}")
@@ -62,23 +67,24 @@ DIRECT = [(w, co) for co in (16, 32, 64) for w in (2, 5, 8, 11, 14, 17, 20, 23, 
 
 
 @pytest.mark.parametrize("width,cout", DIRECT)
-def test_direct_forward_tails(width, cout):
-  _check(1 + width % 2 * 2, 2, width, 16, cout, 5, relu=width % 3 == 0, winograd=False)
+def test_direct_forward_tails(isa, width, cout):
+  _check(isa, 1 + width % 2 * 2, 2, width, 16, cout, 5, relu=width % 3 == 0, winograd=False)
 
 
 @pytest.mark.parametrize("width,k,cin", [(1, 1, 16), (7, 1, 32), (24, 1, 64), (25, 1, 8),
                                          (40, 1, 64), (1, 3, 16), (2, 3, 24), (13, 3, 32),
                                          (25, 3, 64), (40, 3, 12)])
-def test_direct_kernel_sizes(width, k, cin):
+def test_direct_kernel_sizes(isa, width, k, cin):
   for cout in (16, 64):
-    _check(3, 2, width, cin, cout, k, relu=cout == 64, winograd=False)
+    _check(isa, 3, 2, width, cin, cout, k, relu=cout == 64, winograd=False)
 
 
-# (ii) Kernel-gradient tails: Cin rows in tiles of 8 (Cout 16, 32) or 6 (Cout 64).
+# (ii) Kernel-gradient tails: Cin rows in tiles of 8 or 6 (AVX-512: Cout 16, 32 / 64), 6
+# (AVX2), 3 (generic): Cin 8..16 leaves every remainder.
 @pytest.mark.parametrize("cin", [8, 9, 10, 11, 12, 13, 14, 15, 16, 32, 64])
-def test_kernel_gradient_tails(cin):
+def test_kernel_gradient_tails(isa, cin):
   for cout in (16, 64):
-    _check(3, 3, 9, cin, cout, 3, relu=cin % 2 == 0, winograd=False)
+    _check(isa, 3, 3, 9, cin, cout, 3, relu=cin % 2 == 0, winograd=False)
 
 
 # (iii) Winograd: tiles = ceil(W / 2) for H <= 2; every remainder of 24, 12, 6 tiles.
@@ -87,20 +93,20 @@ WINO = ([(2 * t, 16) for t in range(1, 26)] + [(2 * t - 1, 32) for t in range(1,
 
 
 @pytest.mark.parametrize("width,cout", WINO)
-def test_winograd_tails(width, cout):
-  _check(1 + width % 2 * 2, 2, width, 16, cout, 3, relu=width % 4 == 0, winograd=True)
+def test_winograd_tails(isa, width, cout):
+  _check(isa, 1 + width % 2 * 2, 2, width, 16, cout, 3, relu=width % 4 == 0, winograd=True)
 
 
 @pytest.mark.parametrize("height,width,cin,cout", [(7, 41, 32, 64), (5, 13, 64, 32),
                                                    (9, 6, 64, 64), (1, 1, 64, 16)])
-def test_winograd_several_work_items(height, width, cin, cout):
-  _check(3, height, width, cin, cout, 3, relu=True, winograd=True)
-  _check(1, height, width, cin, cout, 3, relu=False, winograd=True)
+def test_winograd_several_work_items(isa, height, width, cin, cout):
+  _check(isa, 3, height, width, cin, cout, 3, relu=True, winograd=True)
+  _check(isa, 1, height, width, cin, cout, 3, relu=False, winograd=True)
 
 
 # (iv) The released nets' layers (64 -> 64, 3x3 and 1x1) at the widths they see.
 @pytest.mark.parametrize("width", [160, 80, 40, 20])
-def test_released_net_layers(width):
+def test_released_net_layers(isa, width):
   for k in (3, 1):
-    _check(1, 2, width, 64, 64, k, relu=True, winograd=True)
-  _check(1, 2, width, 64, 64, 3, relu=False, winograd=False)
+    _check(isa, 1, 2, width, 64, 64, k, relu=True, winograd=True)
+  _check(isa, 1, 2, width, 64, 64, 3, relu=False, winograd=False)

@@ -23,7 +23,7 @@ def test_reproduce_toy(tmp_path):
       [sys.executable, os.path.join(REPO, "launch", "reproduce.py"), f"--workdir={wd}",
        f"--data=folder:{images}", "--crop=center", "--image_size=16", "--levels=1",
        "--small_rf=5", "--large_rf=7", "--low_rf=5", "--num_layers=3", "--low_num_layers=3",
-       "--features=8", "--batch_size=8", "--num_steps=30", "--lr_halve_every=15",
+       "--features=8", "--batch_size=8", "--num_steps=30",
        "--colour_steps=6", "--eval_images=4", "--noise_levels=0,20,260,640",
        "--colour_samples=2", "--low_max_steps=10", "--log_every=10", "--eval_every=15",
        "--checkpoint_every=30"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import jax
@@ -15,7 +16,8 @@ TINY = models.multiscale_spec(2, cond_rf=5, low_rf=7, image_size=(16, 16), num_l
 def _state_and_step(spec, name, cfg, devices):
   mesh = training.make_mesh(devices)
   tx = training.make_optimizer(spec, name, cfg)
-  state = training.replicate(training.init_state(jax.random.key(0), spec.nets[name], tx), mesh)
+  state = training.replicate(training.init_state(jax.random.key(0), spec.nets[name], tx, cfg),
+                             mesh)
   return mesh, state, training.make_train_step(spec, name, tx, cfg, mesh, noise_scale=0.5)
 
 
@@ -42,7 +44,7 @@ def test_four_devices_equal_one(name):
 def test_loss_decreases():
   spec = models.ModelSpec(low=models.flat_spec(5, num_layers=4, features=16), image_size=(16, 16))
   cfg = training.TrainConfig(batch_size=16, learning_rate=3e-3, quadratic_noise=False,
-                             noise_min=20, noise_max=60)
+                             noise_min=20, noise_max=60, num_steps=60)
   mesh, state, step = _state_and_step(spec, "flat", cfg, jax.devices()[:1])
   src = data.make_source(data.DataConfig(image_size=16), 16, seed=0)
   fixed = training.global_batch(src.batch(10_000), mesh)
@@ -138,8 +140,8 @@ def test_learning_rate_halves_on_schedule(name, every):
   """Adam's update for a constant gradient is the learning rate itself (bias-corrected
   m / sqrt(v) = 1), so the update sizes read the schedule off: lr halves every
   lr_halve_every * multiplier**level steps (cond1 and low are at level 1 of J = 2)."""
-  cfg = training.TrainConfig(learning_rate=1e-2, num_steps=30, lr_halve_every=3,
-                             level_multiplier=4.0)
+  cfg = training.TrainConfig.from_recipe("paper", learning_rate=1e-2, num_steps=30,
+                                         lr_halve_every=3, level_multiplier=4.0)
   tx = training.make_optimizer(TINY, name, cfg)
   params = {"w": jnp.zeros(())}
   state = tx.init(params)
@@ -201,3 +203,111 @@ def test_trim_metrics_drops_only_rows_after_each_nets_resumed_step(tmp_path):
   assert got == [rows[0], {"step": 4, "cond0/loss": 4.0, "steps_per_s": 1.0},
                  {"step": 6, "other/loss": 9.0}]
   assert trainer.trim_metrics(str(path), {"low": 2, "cond0": 4}) == 0  # nothing left to do
+
+
+def _update_sizes(tx, steps):
+  """Adam's update sizes for a constant unit gradient: the learning-rate schedule itself."""
+  params = {"w": jnp.zeros(())}
+  state = tx.init(params)
+  sizes = []
+  for _ in range(steps):
+    updates, state = tx.update({"w": jnp.ones(())}, state, params)
+    sizes.append(-float(updates["w"]))
+  return np.asarray(sizes)
+
+
+@pytest.mark.parametrize("name,scale", [("cond0", 1), ("low", 4)])
+def test_default_recipe_warms_up_then_follows_a_cosine(name, scale):
+  """Linear warm-up from 0 over warmup_steps (x 4^level), then cosine decay to 1% at the end."""
+  cfg = training.TrainConfig(learning_rate=1e-2, num_steps=20, warmup_steps=4,
+                             level_multiplier=4.0)
+  total, warm = 20 * scale, 4 * scale
+  sizes = _update_sizes(training.make_optimizer(TINY, name, cfg), total)
+  t = np.arange(total)
+  cosine = 1e-2 * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * (t - warm) / (total - warm))))
+  want = np.where(t < warm, 1e-2 * t / warm, cosine)
+  np.testing.assert_allclose(sizes, want, rtol=1e-4, atol=1e-9)
+  assert training.TrainConfig(num_steps=50).warmup() == 5  # automatic: a tenth, at most 200
+  assert training.TrainConfig(num_steps=10_000).warmup() == 200
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(warmup_steps=30, num_steps=30), "warmup_steps .30. must be shorter than the run"),
+    (dict(ema_decay=1.0), "ema_decay must be in .0, 1."), (dict(ema_decay=-0.5), "ema_decay"),
+    (dict(clip_factor=0.0), "clip_factor must be > 0"), (dict(clip_factor=-1.0), "clip_factor"),
+    (dict(schedule="linear"), "schedule must be one of"), (dict(bn_momentum=0.0), "bn_momentum"),
+    (dict(recipe="fast"), "recipe must be one of")])
+def test_recipe_settings_that_make_no_sense_are_one_line_errors(bad, match):
+  with pytest.raises(ValueError, match=match):
+    training.TrainConfig(**bad)
+
+
+def test_recipes_differ_only_in_their_settings():
+  paper, default = training.TrainConfig.from_recipe("paper"), training.TrainConfig()
+  assert training.TrainConfig.from_recipe("default") == default
+  assert (paper.schedule, paper.warmup_steps, paper.ema_decay, paper.clip_factor,
+          paper.gain_init, paper.bn_momentum) == ("halving", 0, 0.0, None, None, 0.1)
+  assert training.TrainConfig.from_recipe("paper", ema_decay=0.9).ema_decay == 0.9
+
+
+def test_clip_by_running_norm_caps_spikes_relative_to_the_past():
+  tx = training.clip_by_running_norm(2.0, decay=0.5)
+  state = tx.init({"w": jnp.zeros(2)})
+  out = []
+  for g in (3.0, 3.0, 30.0, 3.0):  # a 10x spike at the third step
+    upd, state = tx.update({"w": jnp.asarray([g, 0.0])}, state)
+    out.append(float(upd["w"][0]))
+  assert out[:2] == [3.0, 3.0] and out[2] == pytest.approx(6.0) and out[3] == 3.0
+  assert float(state.mean) == pytest.approx(0.5 * (0.5 * 3 + 0.5 * 6) + 0.5 * 3)
+
+
+def test_ema_follows_the_weights_and_is_the_saved_model(tmp_path):
+  """The EMA after each step is d * ema + (1 - d) * weights with d = min(decay, (1+t)/(10+t));
+  the checkpoint's 'model' item (what load_params reads) is the EMA, its 'state' holds both."""
+  spec = models.ModelSpec(low=models.flat_spec(5, num_layers=3, features=8), image_size=(16, 16))
+  cfg = training.TrainConfig(batch_size=8, num_steps=4, ema_decay=0.5, warmup_steps=0)
+  mesh, state, step = _state_and_step(spec, "flat", cfg, jax.devices()[:1])
+  src = data.make_source(data.DataConfig(image_size=16), 8, seed=0)
+  ema = jax.device_get(state.eval_variables())
+  for s in range(3):
+    state, _ = step(state, training.global_batch(src.batch(s), mesh), training.step_key(0, s, 0))
+    d = min(0.5, (1 + s) / (10 + s))
+    ema = jax.tree.map(lambda e, v: d * e + (1 - d) * v, ema, jax.device_get(state.variables()))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.device_get(state.ema), ema)
+  assert not np.allclose(state.ema["params"]["conv_0"]["kernel"], state.params["conv_0"]["kernel"])
+  run = trainer.RunConfig(str(tmp_path), log_every=2, eval_every=4, checkpoint_every=4,
+                          eval_batch_size=4, figure=False)
+  trainer.train(spec, data.DataConfig(image_size=16), cfg, run, log=lambda m: None)
+  params = wcdm_jax.load_params(str(tmp_path))
+  mngr = checkpoints.manager(str(tmp_path), "flat")
+  fresh = training.init_state(jax.random.key(0), spec.low, training.make_optimizer(
+      spec, "flat", cfg), cfg).as_dict()
+  items, _, _, _ = checkpoints.restore_intact(mngr, {"state": fresh})
+  mngr.close()
+  saved = items["state"]
+  jax.tree.map(np.testing.assert_array_equal, params.low, jax.device_get(saved["ema"]))
+  with pytest.raises(AssertionError):
+    np.testing.assert_array_equal(params.low["params"]["conv_0"]["kernel"],
+                                  saved["params"]["conv_0"]["kernel"])
+
+
+def test_resuming_with_another_recipe_is_refused(tmp_path):
+  paper = training.TrainConfig.from_recipe("paper", batch_size=8, num_steps=4,
+                                           lr_halve_every=2, level_multiplier=1)
+  run = trainer.RunConfig(str(tmp_path), log_every=2, eval_every=4, checkpoint_every=2,
+                          eval_batch_size=4, noise_scale_batches=1, figure=False, stop_after=2)
+  trainer.train(TINY, data.DataConfig(image_size=16), paper, run, log=lambda m: None)
+  default = training.TrainConfig(batch_size=8, num_steps=4, lr_halve_every=2, level_multiplier=1)
+  with pytest.raises(ValueError, match="schedule: checkpoint 'halving', this run 'cosine'"):
+    trainer.train(TINY, data.DataConfig(image_size=16), default, run, log=lambda m: None)
+
+
+def test_checkpoints_from_before_the_recipes_count_as_the_paper_recipe():
+  meta = {"train_config": {f: v for f, v in dataclasses.asdict(training.TrainConfig.from_recipe(
+      "paper")).items() if f not in training.RECIPES["paper"] and f != "recipe"}}
+  assert trainer.config_changes(meta, training.TrainConfig.from_recipe("paper"),
+                                data.DataConfig()) == []
+  changes = trainer.config_changes(meta, training.TrainConfig(), data.DataConfig())
+  assert "recipe: checkpoint 'paper', this run 'default'" in changes
+  assert "ema_decay: checkpoint 0.0, this run 0.999" in changes

@@ -6,15 +6,17 @@ models of images", ICLR 2023. Public entry points:
 - ``wavelets.decompose`` / ``wavelets.reconstruct``: the normalised orthogonal pyramid.
 - ``load_params(path)``: a trained or imported model directory -> ``ModelParams``.
 - ``sample(key, params)``, ``super_resolve(key, params, low_res)``, ``denoise(params, noisy)``.
+- ``log_prob(key, params, images)``: bits per pixel (a bound) per image, scale by scale.
 """
 from wcdm_jax import wavelets
 from wcdm_jax.checkpoints import load_params, save_model
 from wcdm_jax.denoising import denoise
+from wcdm_jax.likelihood import LikelihoodConfig, log_prob
 from wcdm_jax.models import ModelParams, ModelSpec, NetSpec
 from wcdm_jax.sampling import AscentConfig, sample, super_resolve
 from wcdm_jax.wavelets import Pyramid, decompose, reconstruct
 
-__all__ = ["AscentConfig", "ModelParams", "ModelSpec", "NetSpec", "Pyramid", "decompose",
-           "denoise", "load_params", "reconstruct", "sample", "save_model", "super_resolve",
-           "wavelets"]
+__all__ = ["AscentConfig", "LikelihoodConfig", "ModelParams", "ModelSpec", "NetSpec", "Pyramid",
+           "decompose", "denoise", "load_params", "log_prob", "reconstruct", "sample",
+           "save_model", "super_resolve", "wavelets"]
 __version__ = "0.1.0"

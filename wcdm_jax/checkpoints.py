@@ -160,6 +160,18 @@ def restore(mngr: ocp.CheckpointManager, targets: dict[str, Any], step: int | No
   return {k: out[k] for k in targets}, out.meta
 
 
+def newest_meta(mngr: ocp.CheckpointManager) -> dict:
+  """The meta of the newest step whose meta reads as a JSON object ({} when none does)."""
+  for s in sorted(mngr.all_steps(), reverse=True):
+    try:
+      meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception:  # pylint: disable=broad-except  # corrupt files raise anything
+      continue
+    if isinstance(meta, dict):
+      return meta
+  return {}
+
+
 def restore_intact(mngr: ocp.CheckpointManager, targets: dict[str, Any],
                    step: int | None = None
                    ) -> tuple[dict[str, Any], dict, int, list[tuple[int, str]]]:

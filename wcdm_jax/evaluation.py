@@ -40,6 +40,48 @@ def ssim(x: jax.Array, ref: jax.Array, peak: float = 1.0) -> jax.Array:
   return s.mean(axis=(1, 2, 3))
 
 
+GAUSSIAN_WIDTHS = tuple(float(w) for w in np.geomspace(0.25, 4.0, 17))  # std in pixels
+
+
+def gaussian_blur(images: jax.Array, width: float) -> jax.Array:
+  """(B, H, W, C) images filtered by a Gaussian of std ``width`` pixels (reflected borders)."""
+  r = max(1, int(np.ceil(3 * width)))
+  t = np.arange(-r, r + 1, dtype=np.float64)
+  g = np.exp(-t ** 2 / (2 * width ** 2))
+  g = jnp.asarray(g / g.sum(), jnp.float32)
+  b, h, w, c = images.shape
+  x = jnp.moveaxis(images, 3, 1).reshape(b * c, h, w, 1)
+  x = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect" if min(h, w) > r else "edge")
+  conv = lambda a, k: jax.lax.conv_general_dilated(a, k, (1, 1), "VALID",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x = conv(conv(x, g[:, None, None, None]), g[None, :, None, None])
+  return jnp.moveaxis(x.reshape(b, c, h, w), 1, 3)
+
+
+def best_gaussian_psnr(noisy: jax.Array, clean: jax.Array,
+                       widths: Sequence[float] = GAUSSIAN_WIDTHS) -> tuple[float, float]:
+  """(mean PSNR, width) of the Gaussian filter whose width is best for these very images: an
+  oracle-tuned linear baseline that any useful denoiser must beat."""
+  scores = [float(psnr(gaussian_blur(noisy, w), clean).mean()) for w in widths]
+  best = int(np.argmax(scores))
+  return scores[best], float(widths[best])
+
+
+def compare_with_gaussian(params: models.ModelParams, clean: jax.Array,
+                          sigmas: Sequence[float], key: jax.Array) -> list[dict[str, float]]:
+  """For each noise std: mean PSNR of the noisy images, of the model's denoising and of the
+  best Gaussian filter (``best_gaussian_psnr``), on (B, H, W, C) ``clean`` images."""
+  den = jax.jit(lambda y: denoising.denoise(params, y))
+  rows = []
+  for i, s in enumerate(sigmas):
+    y = clean + s * jax.random.normal(jax.random.fold_in(key, i), clean.shape)
+    gauss, width = best_gaussian_psnr(y, clean)
+    rows.append({"sigma": float(s), "noisy": float(psnr(y, clean).mean()),
+                 "model": float(psnr(den(y), clean).mean()), "gaussian": gauss,
+                 "gaussian_width": width})
+  return rows
+
+
 def scale_psnr(spec: models.ModelSpec, name: str, variables: models.Variables,
                images: jax.Array, sigma: float, key: jax.Array,
                conv_impl: str = "auto") -> tuple[jax.Array, jax.Array]:

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from wcdm_jax import native_conv, wavelets
+from wcdm_jax import wavelets
+from wcdm_jax.conv import conv2d
 
 Variables = dict[str, Any]
 
@@ -188,95 +189,6 @@ def multiscale_spec(levels: int, cond_rf: int = 9, low_rf: int = 41, channels: i
 
 # --- pure building blocks ---------------------------------------------------------------------
 
-def _im2col(x: jax.Array, k: int) -> jax.Array:
-  """(B, H, W, C) -> (B, H, W, k*k*C): the k x k 'same'-padded neighbourhood of each pixel."""
-  h, w, p = x.shape[1], x.shape[2], k // 2
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  return jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], -1)
-
-
-def _kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
-  """d conv / d kernel: sum over images of im2col(x)^T @ g, a few images at a time.
-
-  XLA:CPU lowers the autodiff kernel gradient to a convolution with an image-sized window,
-  which runs several times slower than the forward pass; here it is a loop of matrix
-  products whose im2col buffers stay small.
-  """
-  b, h, w, cin = x.shape
-  chunk = 2 if b % 2 == 0 else 1
-  xs = x.reshape(b // chunk, chunk, h, w, cin)
-  gs = g.reshape(b // chunk, chunk, h, w, g.shape[-1])
-
-  def body(acc, xg):
-    xc, gc = xg
-    cols = _im2col(xc, k)
-    return acc + jnp.einsum("nc,nd->cd", cols.reshape(-1, k * k * cin),
-                            gc.reshape(-1, gc.shape[-1]), preferred_element_type=jnp.float32), None
-
-  acc, _ = jax.lax.scan(body, jnp.zeros((k * k * cin, g.shape[-1]), jnp.float32), (xs, gs))
-  return acc.reshape(k, k, cin, g.shape[-1])
-
-
-@jax.custom_vjp
-def _conv_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return native_conv.lax_conv(x, kernel)
-
-
-def _conv_cpu_fwd(x, kernel):
-  return native_conv.lax_conv(x, kernel), (x, kernel)
-
-
-def _conv_cpu_bwd(res, g):
-  x, kernel = res
-  dx = native_conv.lax_conv(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-  return dx, _kernel_grad(x, g, kernel.shape[0]).astype(kernel.dtype)
-
-
-_conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
-CONV_IMPLS = ("auto", "native", "xla", "xla_autodiff", "matmul")
-
-
-def _use_native(impl: str, x: jax.Array, kernel: jax.Array) -> bool:
-  on_cpu = jax.default_backend() == "cpu"
-  if impl == "native" and not on_cpu:
-    raise ValueError("conv_impl='native' is a CPU kernel; use 'auto' or 'xla' on "
-                     f"{jax.default_backend()}")
-  if impl not in ("auto", "native") or not on_cpu:
-    return False
-  if impl == "native" and not native_conv.available():
-    raise RuntimeError("conv_impl='native' but the native CPU kernels could not be built (see "
-                       "the logged warning); use conv_impl='auto' to fall back to XLA")
-  return native_conv.supports(x, kernel) and native_conv.available()
-
-
-def conv2d(x: jax.Array, kernel: jax.Array, impl: str = "auto", relu: bool = False) -> jax.Array:
-  """Bias-free 'same' convolution: x (B, H, W, Cin), kernel (k, k, Cin, Cout) -> (B, H, W, Cout).
-
-  impl='auto' (default): 'native' on CPU where the kernel is built and handles the layer,
-  else 'xla'. 'native': the AVX-512 direct convolution of ``native_conv`` (CPU only; layers
-  it does not handle, e.g. Cout = 1, use 'xla'). 'xla': lax.conv; on CPU its kernel
-  gradient is computed by ``_kernel_grad`` (same gradients, faster). 'xla_autodiff': lax.conv
-  with XLA's own gradients everywhere. 'matmul': one matrix product over the k^2 shifted
-  copies of the input (im2col). Outside 'native', 1x1 convolutions are matrix products.
-  relu=True applies a ReLU to the result (fused into the native kernel).
-  """
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
-  k = kernel.shape[0]
-  kernel = kernel.astype(x.dtype)
-  if _use_native(impl, x, kernel):
-    return native_conv.conv(x, kernel, relu)
-  if k == 1:
-    y = jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
-  elif impl == "matmul":
-    y = jnp.einsum("bhwc,cd->bhwd", _im2col(x, k), kernel.reshape(-1, kernel.shape[-1]))
-  elif impl in ("xla", "auto", "native") and jax.default_backend() == "cpu":
-    y = _conv_cpu(x, kernel)
-  else:
-    y = native_conv.lax_conv(x, kernel)
-  return nn.relu(y) if relu else y
-
-
 def batch_sd(h: jax.Array) -> jax.Array:
   """Per-channel std over (B, H, W), biased, with eps: the training-mode normaliser."""
   return jnp.sqrt(jnp.var(h.astype(jnp.float32), axis=(0, 1, 2)) + BN_EPS)
@@ -342,8 +254,16 @@ class Conv(nn.Module):
     return conv2d(x, kernel, self.impl)
 
 
-def _gain_init(key, shape, dtype=jnp.float32):
+def paper_gain_init(key, shape, dtype=jnp.float32):
+  """The authors' gain initialisation: N(0, 1) * 2/9/64, clipped to +-0.025."""
   return jnp.clip(jax.random.normal(key, shape, dtype) * (2.0 / 9.0 / 64.0), -0.025, 0.025)
+
+
+def gain_initializer(gain_init: float | None) -> Callable:
+  """None: ``paper_gain_init``; a number: every gain starts at that constant."""
+  if gain_init is None:
+    return paper_gain_init
+  return nn.initializers.constant(gain_init)
 
 
 class Block(nn.Module):
@@ -358,12 +278,14 @@ class Block(nn.Module):
   kernel_size: int
   conv_impl: str = "auto"
   remat: bool = False
+  bn_momentum: float = BN_MOMENTUM
+  gain_init: float | None = None  # see gain_initializer
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kernel = self.param("kernel", _kaiming_normal,
                         (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
-    gain = self.param("gammas", _gain_init, (self.features,))
+    gain = self.param("gammas", gain_initializer(self.gain_init), (self.features,))
     running_sd = self.variable("batch_stats", "running_sd", jnp.ones, (self.features,),
                                jnp.float32)
     if not train:  # the norm's per-channel scale folded into the kernel, ReLU fused
@@ -371,7 +293,7 @@ class Block(nn.Module):
     fn = block_train_remat if self.remat else block_train
     y, sd = fn(x, kernel, gain, self.conv_impl)
     if not self.is_initializing():
-      running_sd.value = (1 - BN_MOMENTUM) * running_sd.value + BN_MOMENTUM * sd
+      running_sd.value = (1 - self.bn_momentum) * running_sd.value + self.bn_momentum * sd
     return y
 
 
@@ -381,6 +303,8 @@ class BFCNN(nn.Module):
   conv_impl: str = "auto"
   remat: bool = False
   dtype: Any = jnp.float32
+  bn_momentum: float = BN_MOMENTUM
+  gain_init: float | None = None  # None: the paper's (see gain_initializer)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -393,16 +317,17 @@ class BFCNN(nn.Module):
     if s.first_relu:
       x = nn.relu(x)
     for l in range(1, s.num_layers - 1):
-      x = Block(s.features, s.kernel_sizes[l], self.conv_impl, self.remat, name=f"block_{l}")(
-          x, train)
+      x = Block(s.features, s.kernel_sizes[l], self.conv_impl, self.remat, self.bn_momentum,
+                self.gain_init, name=f"block_{l}")(x, train)
     x = Conv(s.out_channels, s.kernel_sizes[-1], self.conv_impl, name=f"conv_{s.num_layers - 1}")(x)
     return x.astype(out_dtype)
 
 
-def init_net(key: jax.Array, spec: NetSpec, size: tuple[int, int] = (16, 16)) -> Variables:
-  """Fresh variables {'params', 'batch_stats'} for ``spec``."""
+def init_net(key: jax.Array, spec: NetSpec, size: tuple[int, int] = (16, 16),
+             gain_init: float | None = None) -> Variables:
+  """Fresh variables {'params', 'batch_stats'} for ``spec`` (gains: see gain_initializer)."""
   x = jnp.zeros((1, *size, spec.in_channels), jnp.float32)
-  return dict(BFCNN(spec).init(key, x, train=False))
+  return dict(BFCNN(spec, gain_init=gain_init).init(key, x, train=False))
 
 
 def apply_net(spec: NetSpec, variables: Variables, x: jax.Array, *, conv_impl: str = "auto",

@@ -95,3 +95,31 @@ def training_curves(metrics: Mapping[str, list[dict]], path: str) -> str:
       ax.plot(steps, vals, "-", lw=1.2, label=net)
     _finish_axes(ax, "step", "denoised PSNR (dB)", model, fontsize=9)
   return _save(fig, path)
+
+
+def likelihood_bars(results: Mapping[str, dict], path: str) -> str:
+  """Bits per pixel per model (``likelihood.dataset_log_prob`` results), stacked by term:
+  the low-pass (or flat) image, each level's details, the pyramid's log-det; error bars are
+  the Monte Carlo standard errors. The dequantisation constant (the same for all) is left out."""
+  plt = _pyplot()
+  names = list(results)
+  terms = sorted({t for r in results.values() for t in r["scales"] if t != "dequantization"},
+                 key=lambda t: ({"flat": 0, "low": 1, "log_det": 99}.get(t, 2), t[::-1]))
+  fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 4.5))
+  bottom = np.zeros(len(names))
+  for t in terms:
+    v = np.array([results[n]["scales"].get(t, 0.0) for n in names])
+    ax.bar(names, v, bottom=bottom, label=t)
+    bottom += v
+  deq = np.array([results[n]["scales"].get("dequantization", 0.0) for n in names])
+  err = [results[n]["mc_stderr"] for n in names]
+  ax.errorbar(names, bottom, yerr=err, fmt="k.", capsize=3)
+  for i, n in enumerate(names):
+    ax.annotate(f"{results[n]['bits_per_pixel']:.3f}", (i, bottom[i]), ha="center",
+                va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+  ax.axhline(0, color="k", lw=0.6)
+  ax.tick_params(axis="x", rotation=30)
+  _finish_axes(ax, "model", "bits per pixel (without the dequantisation "
+               f"{deq.max():.3f})" if deq.max() else "bits per pixel",
+               "negative log-likelihood bound, by term")
+  return _save(fig, path)

@@ -42,12 +42,16 @@ class RunConfig:
   # (file name, text) pairs written into the workdir once everything is validated, e.g. the
   # entry point's flags; an existing different file is kept as NAME.1, NAME.2, ...
   record: tuple[tuple[str, str], ...] = ()
+  # Noise stds of the final comparison of the whole model with the noisy input and the best
+  # Gaussian filter on the held-out images (train() returns it under DENOISING).
+  compare_sigmas: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
 
 
 # What a resumed run may change without ``allow_config_change``: how long it trains, how the
 # convolutions are computed (and in which precision), how many unreadable files are tolerated.
 # Anything else (batch, seed, learning rate, noise, data) would silently continue another
 # experiment.
+DENOISING = "denoising"  # train()'s key of the final comparison (not a net name)
 RESUMABLE_CHANGES = ("num_steps", "conv_impl", "remat", "dtype", "max_bad_fraction")
 
 
@@ -61,17 +65,57 @@ def _net_names(spec: models.ModelSpec, nets: Sequence[str]) -> list[str]:
 
 
 def config_changes(meta: dict, cfg: training.TrainConfig, data_cfg: data.DataConfig) -> list[str]:
-  """'field: checkpoint X, this run Y' for every setting that differs from the checkpoint's."""
+  """'field: checkpoint X, this run Y' for every setting that differs from the checkpoint's.
+
+  Checkpoints written before the recipe settings existed were trained with
+  ``training.LEGACY_RECIPE``: its values stand in for the settings they lack. A meta without
+  any train_config (hand-written, or none readable) has nothing to compare.
+  """
+  legacy = dict(training.RECIPES[training.LEGACY_RECIPE], recipe=training.LEGACY_RECIPE)
   out = []
   for key, current in (("train_config", dataclasses.asdict(cfg)),
                        ("data_config", dataclasses.asdict(data_cfg))):
     saved = meta.get(key) or {}
+    if key == "train_config" and saved:
+      saved = dict(legacy, **saved)
     for field, value in current.items():
       if field in RESUMABLE_CHANGES:
         continue
       if field in saved and saved[field] != value:
         out.append(f"{field}: checkpoint {saved[field]!r}, this run {value!r}")
   return out
+
+
+def saved_train_config(meta: dict, cfg: training.TrainConfig) -> training.TrainConfig:
+  """The TrainConfig a checkpoint was made with (``cfg`` for what its meta does not say)."""
+  if not meta.get("train_config"):
+    return cfg
+  legacy = dict(training.RECIPES[training.LEGACY_RECIPE], recipe=training.LEGACY_RECIPE)
+  fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+  saved = {**dataclasses.asdict(cfg), **legacy, **meta["train_config"]}
+  try:
+    return training.TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+  except (TypeError, ValueError):
+    return cfg
+
+
+def _adapt_state(state: training.TrainState, cfg: training.TrainConfig,
+                 tx, log) -> training.TrainState:
+  """A resumed state in the layout of this run's recipe (only differs with
+  --allow_config_change): an EMA starts at the resumed weights or is dropped, and an
+  optimiser of another structure starts afresh."""
+  ema = state.ema
+  if cfg.ema_decay and ema is None:
+    log("the weights' moving average starts at the resumed weights")
+    ema = jax.tree.map(jnp.copy, state.variables())
+  elif not cfg.ema_decay:
+    ema = None
+  opt_state = state.opt_state
+  fresh = tx.init(state.params)
+  if jax.tree.structure(fresh) != jax.tree.structure(opt_state):
+    log("the optimiser changed structure: its state starts afresh")
+    opt_state = fresh
+  return state.replace(ema=ema, opt_state=opt_state)
 
 
 def _write_record(workdir: str, name: str, text: str) -> None:
@@ -141,10 +185,21 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
     net = spec.nets[name]
     tx = training.make_optimizer(spec, name, cfg)
     mngr = checkpoints.manager(run.workdir, name, run.keep_checkpoints)
-    state = training.init_state(jax.random.fold_in(jax.random.key(cfg.seed), 1000 + idx), net, tx)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 1000 + idx)
+    state = training.init_state(key, net, tx, cfg)
     if mngr.all_steps():
+      changes = config_changes(checkpoints.newest_meta(mngr), cfg, data_cfg)
+      if changes and not run.allow_config_change:
+        raise ValueError(
+            f"{run.workdir}: the checkpoints of net {name!r} were made with other settings ("
+            + "; ".join(changes) + "). Rerun with the same settings (see train.flags there), use "
+            "a new workdir, or allow the change explicitly (--allow_config_change)")
+      # The restore target has the checkpoint's own layout (its optimiser, EMA or not).
+      saved_cfg = saved_train_config(checkpoints.newest_meta(mngr), cfg)
+      saved_tx = training.make_optimizer(spec, name, saved_cfg)
       try:
-        target = training.replicate(state.as_dict(), mesh)
+        target = training.replicate(
+            training.init_state(key, net, saved_tx, saved_cfg).as_dict(), mesh)
         items, meta, step, skipped = checkpoints.restore_intact(mngr, {
             "state": target, "model": {k: target[k] for k in ("params", "batch_stats")}})
         state_dict = items["state"]
@@ -152,17 +207,12 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
         raise checkpoints.CheckpointError(
             f"net {name!r}: {e}. Move {mngr.directory} aside to train this net afresh") from e
       changes = config_changes(meta, cfg, data_cfg)
-      if changes and not run.allow_config_change:
-        raise ValueError(
-            f"{run.workdir}: the checkpoints of net {name!r} were made with other settings ("
-            + "; ".join(changes) + "). Rerun with the same settings (see train.flags there), use "
-            "a new workdir, or allow the change explicitly (--allow_config_change)")
       for s, why in skipped:
         log(f"{name}: skipping checkpoint step {s} ({why})")
       if changes:
         log(f"{name}: continuing with changed settings: " + "; ".join(changes))
+      state = _adapt_state(training.TrainState(**state_dict), cfg, tx, lambda m: log(f"{name}: {m}"))
       corrupt[name] = [s for s, _ in skipped]
-      state = training.TrainState(**state_dict)
       resumed[name] = step
       meta = dict(meta, train_config=dataclasses.asdict(cfg),
                   data_config=dataclasses.asdict(data_cfg))
@@ -202,9 +252,12 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
       n["mngr"].wait_until_finished()
       n["mngr"].close()
   if run.figure and pi == 0 and all(name in nets for name in spec.nets):
-    path = save_denoising_figure(spec, {k: nets[k]["state"].variables() for k in nets},
-                                 eval_images, os.path.join(run.workdir, "denoising.png"), log=log)
+    variables = {k: nets[k]["state"].eval_variables() for k in nets}
+    path = save_denoising_figure(spec, variables, eval_images,
+                                 os.path.join(run.workdir, "denoising.png"), log=log)
     log(f"wrote {path}")
+    final[DENOISING] = evaluation.compare_with_gaussian(
+        _params(spec, variables), eval_images, run.compare_sigmas, jax.random.key(cfg.seed + 7))
   return final
 
 
@@ -257,14 +310,15 @@ def _steps(cfg, run, nets, names, batches, eval_fns, mesh, writer, saved, bar, f
       for k, v in row.items():
         if not np.isfinite(v):
           raise non_finite(k.split("/")[0], f"the loss is {v}", done)
-      writer.write(done, steps_per_s=rate, input_wait=wait, **row)
+      norms = {f"{k}/grad_norm": float(m["grad_norm"]) for k, m in metrics.items()}
+      writer.write(done, steps_per_s=rate, input_wait=wait, **row, **norms)
       msg = " ".join(f"{k}={v:.4g}" for k, v in row.items())
       log(f"step {done}/{end} {rate:.2f} steps/s, input wait {100 * wait:.1f}% {msg}")
       bar.update(done, msg)
     if done % run.eval_every == 0 or last:
       row = {}
       for name in active:
-        noisy, den = eval_fns[name](nets[name]["state"].variables(), jax.random.key(step))
+        noisy, den = eval_fns[name](nets[name]["state"].eval_variables(), jax.random.key(step))
         row[f"{name}/psnr_noisy"], row[f"{name}/psnr_denoised"] = float(noisy), float(den)
         final[name] = {"psnr_noisy": float(noisy), "psnr_denoised": float(den)}
       writer.write(done, **row)
@@ -275,7 +329,8 @@ def _steps(cfg, run, nets, names, batches, eval_fns, mesh, writer, saved, bar, f
       if done % run.checkpoint_every == 0 or last or done == n["total"]:
         try:
           checkpoints.save(n["mngr"], done, n["state"].as_dict(),
-                           dict(n["meta"], data_position=done))
+                           dict(n["meta"], data_position=done),
+                           model=n["state"].eval_variables())
         except checkpoints.NonFiniteError as e:
           raise non_finite(name, "the parameters hold NaN or inf", done) from e
         saved[name] = done
@@ -286,13 +341,17 @@ def _steps(cfg, run, nets, names, batches, eval_fns, mesh, writer, saved, bar, f
   return final
 
 
+def _params(spec: models.ModelSpec, variables: dict[str, models.Variables]) -> models.ModelParams:
+  return models.ModelParams(low=variables[spec.low.name],
+                            conditionals=tuple(variables[c.name] for c in spec.conditionals),
+                            spec=spec)
+
+
 def save_denoising_figure(spec: models.ModelSpec, variables: dict[str, models.Variables],
                           images: jax.Array, path: str, sigmas=(0.1, 0.2),
                           log=logging.info) -> str:
   """PNG rows: clean, then (noisy, denoised) per noise level, with PSNRs in the log."""
-  params = models.ModelParams(low=variables[spec.low.name],
-                              conditionals=tuple(variables[c.name] for c in spec.conditionals),
-                              spec=spec)
+  params = _params(spec, variables)
   x = images[:6]
   rows = [list(np.asarray(x))]
   for i, s in enumerate(sigmas):

@@ -1,5 +1,10 @@
 """Training the per-scale denoisers (method.md §4), data-parallel over every device.
 
+Two recipes (``RECIPES``): 'paper' is method.md §4 exactly; 'default' adds a linear warm-up,
+a cosine decay and an exponential moving average of the weights, which converge at the budgets
+of a CPU or of one accelerator-hour where the paper's recipe, tuned for 500 epochs at batch
+512, does not (docs/training.md, benchmarks/bench_training.py).
+
 One jitted step per net. Batches are global ``jax.Array``s sharded along the batch axis of
 a 1-D device mesh (``"data"``) spanning all devices of all hosts; params are replicated.
 Batch-norm statistics and gradients are means over the *global* batch, so one step gives
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +33,33 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from wcdm_jax import models, wavelets
 
 
+# The optimisation recipes: the paper's (method.md §4) and this project's default, chosen by
+# measurement with benchmarks/bench_training.py (docs/training.md has the figures). A recipe
+# sets these TrainConfig fields; ``TrainConfig.from_recipe`` takes it and any overrides.
+RECIPES = {
+    "paper": dict(schedule="halving", warmup_steps=0, clip_factor=None, ema_decay=0.0,
+                  gain_init=None, bn_momentum=0.1),
+    "default": dict(schedule="cosine", warmup_steps=-1, clip_factor=None, ema_decay=0.999,
+                    gain_init=None, bn_momentum=0.1),
+}
+# What checkpoints written before the recipe fields existed were trained with.
+LEGACY_RECIPE = "paper"
+SCHEDULES = ("halving", "cosine")
+COSINE_END = 0.01       # the cosine schedule ends at this fraction of the learning rate
+AUTO_WARMUP_MAX = 200   # warmup_steps=-1: min(AUTO_WARMUP_MAX, num_steps // 10) steps
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Optimisation settings shared by all nets of a run (method.md §4 defaults)."""
+  """Optimisation settings shared by all nets of a run (defaults: RECIPES['default']).
+
+  Step counts (num_steps, lr_halve_every, warmup_steps) are the finest net's; a net at
+  pyramid level j runs level_multiplier**j times as many of each.
+  """
   batch_size: int = 512
   learning_rate: float = 1e-3
   num_steps: int = 10_000          # steps of the finest net; coarser nets get more (below)
-  lr_halve_every: int = 1_000      # steps of the finest net between learning-rate halvings
+  lr_halve_every: int = 1_000      # 'halving' schedule: steps between learning-rate halvings
   level_multiplier: float = 4.0    # net at pyramid level j trains multiplier**j x longer
   noise_min: int = 0               # noise std range in /255 units
   noise_max: int = 255
@@ -45,10 +70,50 @@ class TrainConfig:
   remat: bool = False
   dtype: str = "float32"           # compute dtype of the convolutions: float32 | bfloat16
   # (parameters, batch-norm statistics, the loss and Adam stay float32)
+  recipe: str = "default"          # the recipe the fields below came from (bookkeeping)
+  schedule: str = "cosine"         # 'halving': lr / 2 every lr_halve_every steps (the paper's);
+  # 'cosine': cosine decay from learning_rate to COSINE_END of it over the net's steps
+  warmup_steps: int = -1           # linear warm-up from 0; -1: min(200, num_steps // 10)
+  clip_factor: float | None = None  # clip the gradient's global norm at clip_factor x its
+  # running mean (clip_by_running_norm); None: no clipping
+  ema_decay: float = 0.999         # EMA of the weights for evaluation, sampling and the
+  # checkpoints' 'model' item (decay min(ema_decay, (1 + t) / (10 + t)) at step t); 0: none
+  gain_init: float | None = None   # batch-norm gains at init: None = the paper's, else constant
+  bn_momentum: float = 0.1         # running-std momentum of the batch norm
 
   def __post_init__(self):
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    if self.recipe not in RECIPES:
+      raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+    if self.warmup_steps < -1:
+      raise ValueError(f"warmup_steps must be >= 0 (or -1: automatic), got {self.warmup_steps}")
+    if self.warmup_steps >= self.num_steps:
+      raise ValueError(f"warmup_steps ({self.warmup_steps}) must be shorter than the run "
+                       f"(num_steps {self.num_steps})")
+    if self.clip_factor is not None and not self.clip_factor > 0:
+      raise ValueError(f"clip_factor must be > 0 (or None: no clipping), got {self.clip_factor}")
+    if not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
+      raise ValueError(f"ema_decay must be in (0, 1), or 0 for no EMA, got {self.ema_decay}")
+    if not 0 < self.bn_momentum <= 1:
+      raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
+    if self.gain_init is not None and not np.isfinite(self.gain_init):
+      raise ValueError(f"gain_init must be a finite number or None, got {self.gain_init}")
+
+  @classmethod
+  def from_recipe(cls, recipe: str = "default", **overrides) -> "TrainConfig":
+    """The recipe's settings, then ``overrides`` (any TrainConfig fields)."""
+    if recipe not in RECIPES:
+      raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+    return cls(**dict(RECIPES[recipe], recipe=recipe, **overrides))
+
+  def warmup(self) -> int:
+    """Warm-up steps of the finest net (resolving -1)."""
+    if self.warmup_steps == -1:
+      return min(AUTO_WARMUP_MAX, self.num_steps // 10)
+    return self.warmup_steps
 
 
 def net_level(spec: models.ModelSpec, name: str) -> int:
@@ -57,15 +122,62 @@ def net_level(spec: models.ModelSpec, name: str) -> int:
   return {"flat": 0, "low": max(spec.levels - 1, 0)}.get(net.kind, net.level)
 
 
+def _net_steps(spec: models.ModelSpec, name: str, cfg: TrainConfig, steps: int) -> int:
+  return int(round(steps * cfg.level_multiplier ** net_level(spec, name)))
+
+
 def net_num_steps(spec: models.ModelSpec, name: str, cfg: TrainConfig) -> int:
-  return int(round(cfg.num_steps * cfg.level_multiplier ** net_level(spec, name)))
+  return _net_steps(spec, name, cfg, cfg.num_steps)
+
+
+def learning_rate_schedule(spec: models.ModelSpec, name: str, cfg: TrainConfig) -> optax.Schedule:
+  """The named net's learning rate against its step: linear warm-up, then halving or cosine."""
+  total = max(1, net_num_steps(spec, name, cfg))
+  warm = min(_net_steps(spec, name, cfg, cfg.warmup()), total - 1)
+  if cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(cfg.learning_rate, total - warm, COSINE_END)
+  else:
+    every = max(1, _net_steps(spec, name, cfg, cfg.lr_halve_every))
+    decay = optax.exponential_decay(cfg.learning_rate, every, 0.5, staircase=True)
+  if warm == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warm), decay], [warm])
+
+
+class RunningNormState(NamedTuple):
+  mean: jax.Array   # running mean of the (clipped) gradient norms
+  count: jax.Array
+
+
+def clip_by_running_norm(factor: float, decay: float = 0.99) -> optax.GradientTransformation:
+  """Scale the gradient down to ``factor`` x the running mean of past gradient norms.
+
+  The threshold follows the gradients' own scale (which grows with the image size and the
+  noise level), so one factor serves every net; the first step sets the reference.
+  """
+  def init(params):
+    del params
+    return RunningNormState(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    ref = jnp.where(state.count == 0, norm, state.mean)
+    limit = factor * ref
+    scale = jnp.where(norm > limit, limit / jnp.maximum(norm, 1e-30), 1.0)
+    updates = jax.tree.map(lambda g: g * scale.astype(g.dtype), updates)
+    mean = decay * ref + (1 - decay) * jnp.minimum(norm, limit)
+    return updates, RunningNormState(mean, state.count + 1)
+
+  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(spec: models.ModelSpec, name: str, cfg: TrainConfig) -> optax.GradientTransformation:
-  """Adam whose learning rate halves every ``lr_halve_every * multiplier**level`` steps."""
-  every = max(1, int(round(cfg.lr_halve_every * cfg.level_multiplier ** net_level(spec, name))))
-  schedule = optax.exponential_decay(cfg.learning_rate, every, 0.5, staircase=True)
-  return optax.adam(schedule)
+  """Adam on ``learning_rate_schedule``, after clipping when the recipe clips."""
+  adam = optax.adam(learning_rate_schedule(spec, name, cfg))
+  if cfg.clip_factor is None:
+    return adam
+  return optax.chain(clip_by_running_norm(cfg.clip_factor), adam)
 
 
 @struct.dataclass
@@ -74,18 +186,36 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  ema: Any = None  # {'params', 'batch_stats'}: the weights' moving average (ema_decay > 0)
 
   def variables(self) -> models.Variables:
+    """The weights being optimised."""
     return {"params": self.params, "batch_stats": self.batch_stats}
 
+  def eval_variables(self) -> models.Variables:
+    """What evaluation, sampling and checkpoints' 'model' use: the EMA when there is one."""
+    return self.ema if self.ema is not None else self.variables()
+
   def as_dict(self) -> dict[str, Any]:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    if d["ema"] is None:  # runs without EMA keep the checkpoint layout they always had
+      del d["ema"]
+    return d
 
 
-def init_state(key: jax.Array, net: models.NetSpec, tx: optax.GradientTransformation) -> TrainState:
-  v = models.init_net(key, net)
+def init_state(key: jax.Array, net: models.NetSpec, tx: optax.GradientTransformation,
+               cfg: TrainConfig) -> TrainState:
+  """Fresh variables (gains per ``cfg.gain_init``), optimiser state, and the EMA if any."""
+  v = models.init_net(key, net, gain_init=cfg.gain_init)
   return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
-                    batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]))
+                    batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
+                    ema=jax.tree.map(jnp.copy, v) if cfg.ema_decay else None)
+
+
+def ema_update(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
+  """One EMA step after optimiser step ``step`` (0-based): short runs average few steps."""
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+  return jax.tree.map(lambda e, v: d * e + (1 - d) * v, ema, variables)
 
 
 def noise_stds(key: jax.Array, n: int, cfg: TrainConfig) -> jax.Array:
@@ -130,8 +260,9 @@ def detail_noise_scales(spec: models.ModelSpec, batches: list[np.ndarray]) -> di
 
 
 def loss_fn(params, batch_stats, net: models.NetSpec, noisy, noise, *, conv_impl="auto",
-            remat=False, dtype="float32"):
-  model = models.BFCNN(net, conv_impl=conv_impl, remat=remat, dtype=jnp.dtype(dtype))
+            remat=False, dtype="float32", bn_momentum=models.BN_MOMENTUM):
+  model = models.BFCNN(net, conv_impl=conv_impl, remat=remat, dtype=jnp.dtype(dtype),
+                       bn_momentum=bn_momentum)
   pred, updates = model.apply({"params": params, "batch_stats": batch_stats}, noisy, train=True,
                               mutable=["batch_stats"])
   loss = jnp.sum(jnp.square(pred - noise)) / noisy.shape[0]
@@ -158,11 +289,15 @@ def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransfo
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, net, noisy, noise,
                                          conv_impl=cfg.conv_impl, remat=cfg.remat,
-                                         dtype=cfg.dtype)
+                                         dtype=cfg.dtype, bn_momentum=cfg.bn_momentum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema is not None:
+      ema = ema_update(ema, {"params": params, "batch_stats": batch_stats}, state.step,
+                       cfg.ema_decay)
     new = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                     opt_state=opt_state)
+                     opt_state=opt_state, ema=ema)
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   replicated = NamedSharding(mesh, P())

@@ -1,13 +1,26 @@
-// Direct 'same' convolutions for XLA:CPU, AVX-512, float32, NHWC x HWIO -> NHWC.
+// Direct and Winograd 'same' convolutions for XLA:CPU, float32, NHWC x HWIO -> NHWC.
 //
-// Built on first use by wcdm_jax/native_conv.py and called through the XLA FFI. Kernels:
-//   wcdm_conv_fwd:   y[b,i,j,o]  = sum_{dy,dx,c} x[b,i+dy-p,j+dx-p,c] w[dy,dx,c,o]  (optional ReLU)
-//   wcdm_conv_winograd: the same for 3x3 kernels by Winograd F(2x2, 3x3)
-//   wcdm_conv_wgrad: dw[dy,dx,c,o] = sum_{b,i,j} x[b,i+dy-p,j+dx-p,c] g[b,i,j,o]
-// (the input gradient is wcdm_conv_fwd with the flipped, transposed kernel). Out-of-image
-// taps are skipped, so nothing is padded. Work is split over XLA's intra-op thread pool.
-// Requirements checked by the Python side: odd k, Cout % 16 == 0.
+// Built by wcdm_jax/native_build.py once per instruction set, from this one source:
+//   -DWCDM_ISA_AVX512 (with -mavx512f -mavx2 -mfma): 16-lane vectors, 32 registers;
+//   -DWCDM_ISA_AVX2   (with -mavx2 -mfma):           8-lane vectors, 16 registers;
+//   neither (generic): plain C++17, no intrinsics, written for the compiler to vectorise
+//   (SSE2 on x86-64, NEON on aarch64, whatever the target has elsewhere).
+// Only the few vector operations of namespace `simd` differ between the builds; every
+// algorithm below is written once against them. Kernels (called through the XLA FFI):
+//   WcdmConvFwd:      y[b,i,j,o]  = sum_{dy,dx,c} x[b,i+dy-p,j+dx-p,c] w[dy,dx,c,o]  (ReLU optional)
+//   WcdmConvWinograd: the same for 3x3 kernels by Winograd F(2x2, 3x3)
+//   WcdmConvWgrad:    dw[dy,dx,c,o] = sum_{b,i,j} x[b,i+dy-p,j+dx-p,c] g[b,i,j,o]
+// (the input gradient is WcdmConvFwd with the flipped, transposed kernel). Out-of-image taps
+// are skipped, so nothing is padded. Work is split over XLA's intra-op thread pool in a fixed
+// partition, and every sum has a fixed order: results are bit-identical run to run and for any
+// number of threads. Requirements checked by the Python side: odd k, Cout % 16 == 0 (and
+// Cin % 16 == 0 for Winograd).
+//
+// Besides the kernels the library exports WcdmIsa() (the instruction set it was built for) and
+// WcdmBuildTag() (the build's cache key), both checked after loading.
+#if defined(WCDM_ISA_AVX512) || defined(WCDM_ISA_AVX2)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -21,6 +34,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#ifndef WCDM_BUILD_TAG
+#define WCDM_BUILD_TAG "untagged"
+#endif
+
 namespace ffi = xla::ffi;
 
 // Kernel-gradient partial sums: a fixed count, so the summation order never depends on the
@@ -31,7 +48,112 @@ constexpr int64_t kWgradChunks = 16;
 #define WCDM_WINO_TILES 24  // Winograd tiles per work item (at least one row of tiles)
 #endif
 
+namespace simd {
+// kLanes floats a vector; kAcc accumulators fit in registers beside the loads of one
+// micro-kernel step; kMaxNV vectors of output channels at most per tile.
+#if defined(WCDM_ISA_AVX512)
+constexpr const char* kIsa = "avx512";
+constexpr int kLanes = 16, kAcc = 24, kMaxNV = 4;
+using V = __m512;
+inline V Zero() { return _mm512_setzero_ps(); }
+inline V Set1(float a) { return _mm512_set1_ps(a); }
+inline V Load(const float* p) { return _mm512_loadu_ps(p); }
+inline void Store(float* p, V a) { _mm512_storeu_ps(p, a); }
+inline V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
+inline V Add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V Sub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V Max(V a, V b) { return _mm512_max_ps(a, b); }
+#elif defined(WCDM_ISA_AVX2)
+constexpr const char* kIsa = "avx2";
+constexpr int kLanes = 8, kAcc = 12, kMaxNV = 2;  // the 6 x 16 tile: 12 + 2 + 1 of 16 registers
+using V = __m256;
+inline V Zero() { return _mm256_setzero_ps(); }
+inline V Set1(float a) { return _mm256_set1_ps(a); }
+inline V Load(const float* p) { return _mm256_loadu_ps(p); }
+inline void Store(float* p, V a) { _mm256_storeu_ps(p, a); }
+inline V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V Add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V Sub(V a, V b) { return _mm256_sub_ps(a, b); }
+inline V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V Max(V a, V b) { return _mm256_max_ps(a, b); }
+#else
+constexpr const char* kIsa = "generic";
+// Overridable geometry: the 'generic16' build has the AVX-512 one (16 lanes, 24 accumulators,
+// 4 vectors) and plain arrays (WCDM_PLAIN_CXX), so the tests run that tiling, and the code any
+// C++17 compiler gets, on every CPU.
+#ifndef WCDM_LANES
+#define WCDM_LANES 4
+#endif
+#ifndef WCDM_ACC
+#if defined(__aarch64__)
+#define WCDM_ACC 24  // 32 NEON registers
+#else
+#define WCDM_ACC 12  // 16 SSE registers
+#endif
+#endif
+#ifndef WCDM_MAX_NV
+#define WCDM_MAX_NV 4
+#endif
+constexpr int kLanes = WCDM_LANES, kAcc = WCDM_ACC, kMaxNV = WCDM_MAX_NV;
+#if defined(__GNUC__) && !defined(WCDM_PLAIN_CXX)
+// GCC's and Clang's generic vectors: plain arithmetic that the compiler maps onto the target's
+// registers (SSE2, NEON, ...), kept in registers like any scalar.
+typedef float V __attribute__((vector_size(kLanes * sizeof(float))));
+inline V Set1(float a) { return V{} + a; }
+inline V Zero() { return V{}; }
+inline V Load(const float* p) {
+  V r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+inline void Store(float* p, V a) { std::memcpy(p, &a, sizeof(a)); }
+inline V Fma(V a, V b, V c) { return a * b + c; }
+inline V Add(V a, V b) { return a + b; }
+inline V Sub(V a, V b) { return a - b; }
+inline V Mul(V a, V b) { return a * b; }
+inline V Max(V a, V b) { return a > b ? a : b; }
+#else
+// Any other C++17 compiler (and WCDM_PLAIN_CXX): arrays and loops.
+struct V {
+  float f[kLanes];
+};
+template <typename Op>
+inline V Map(V a, V b, Op op) {
+  V r;
+  for (int l = 0; l < kLanes; ++l) r.f[l] = op(a.f[l], b.f[l]);
+  return r;
+}
+inline V Set1(float a) {
+  V r;
+  for (int l = 0; l < kLanes; ++l) r.f[l] = a;
+  return r;
+}
+inline V Zero() { return Set1(0.f); }
+inline V Load(const float* p) {
+  V r;
+  std::memcpy(r.f, p, sizeof(r.f));
+  return r;
+}
+inline void Store(float* p, V a) { std::memcpy(p, a.f, sizeof(a.f)); }
+inline V Fma(V a, V b, V c) {
+  V r;
+  for (int l = 0; l < kLanes; ++l) r.f[l] = a.f[l] * b.f[l] + c.f[l];
+  return r;
+}
+inline V Add(V a, V b) { return Map(a, b, [](float u, float v) { return u + v; }); }
+inline V Sub(V a, V b) { return Map(a, b, [](float u, float v) { return u - v; }); }
+inline V Mul(V a, V b) { return Map(a, b, [](float u, float v) { return u * v; }); }
+inline V Max(V a, V b) { return Map(a, b, [](float u, float v) { return u > v ? u : v; }); }
+#endif
+#endif
+static_assert(16 % kLanes == 0, "vectors must divide the 16-channel blocks");
+}  // namespace simd
+
 namespace {
+
+using simd::kLanes;
+using simd::V;
 
 // Runs fn(item, worker) for item in [0, n) on the calling thread and the pool's threads;
 // returns when every item is done. Workers that start late find no items left and return
@@ -65,71 +187,84 @@ int NumWorkers(ffi::ThreadPool& pool) {
   return static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
 }
 
-// The micro-kernel of every kernel here: y[i, 16v:16v+16] (+)= sum_k a(i, k) b[k, 16v:16v+16]
-// for R rows i and 16 NV columns, accumulated in R x NV registers. a(i, k) = a[i * lda + k]
-// or, with kKMajor, a[k * lda + i]; b and y have row strides ldb, ldy. kInit: start from zero
-// instead of y.
-template <int R, int NV, bool kInit, bool kKMajor>
+// The micro-kernel of every kernel here: y[i, L v : L v + L] (+)= sum_k a(i, k) b[k, L v : L v + L]
+// for R rows i and NV vectors of L = kLanes columns, accumulated in R x NV registers.
+// a(i, k) = a[i * lda + k] or, with kKMajor, a[k * lda + i]; b and y have row strides ldb, ldy.
+// kInit: start from zero instead of y; kRelu: store max(0, result).
+template <int R, int NV, bool kInit, bool kKMajor, bool kRelu = false>
 inline void OuterTile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn,
                       float* y, int64_t ldy) {
-  __m512 acc[R][NV];
+  V acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v)
-      acc[i][v] = kInit ? _mm512_setzero_ps() : _mm512_loadu_ps(y + i * ldy + 16 * v);
+      acc[i][v] = kInit ? simd::Zero() : simd::Load(y + i * ldy + kLanes * v);
   for (int64_t k = 0; k < kn; ++k) {
-    __m512 bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = simd::Load(b + k * ldb + kLanes * v);
     for (int i = 0; i < R; ++i) {
-      __m512 av = _mm512_set1_ps(kKMajor ? a[k * lda + i] : a[i * lda + k]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+      const V av = simd::Set1(kKMajor ? a[k * lda + i] : a[i * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = simd::Fma(av, bv[v], acc[i][v]);
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + i * ldy + 16 * v, acc[i][v]);
+    for (int v = 0; v < NV; ++v)
+      simd::Store(y + i * ldy + kLanes * v, kRelu ? simd::Max(simd::Zero(), acc[i][v]) : acc[i][v]);
 }
 
 // OuterTile over rows [0, n) in blocks of R, the remainder in one narrower tile (its
 // independent accumulators keep the FMA units busy).
-template <int R, int NV, bool kInit, bool kKMajor>
+template <int R, int NV, bool kInit, bool kKMajor, bool kRelu = false>
 void OuterSpan(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kn, float* y,
                int64_t ldy, int64_t n) {
   const int64_t step = kKMajor ? 1 : lda;  // from one row i of a to the next
   int64_t i = 0;
   for (; i + R <= n; i += R)
-    OuterTile<R, NV, kInit, kKMajor>(a + i * step, lda, b, ldb, kn, y + i * ldy, ldy);
+    OuterTile<R, NV, kInit, kKMajor, kRelu>(a + i * step, lda, b, ldb, kn, y + i * ldy, ldy);
   a += i * step, y += i * ldy;
   switch (n - i) {
     case 0: break;
-    case 1: OuterTile<1, NV, kInit, kKMajor>(a, lda, b, ldb, kn, y, ldy); break;
-    case 2: OuterTile<2, NV, kInit, kKMajor>(a, lda, b, ldb, kn, y, ldy); break;
-    case 3: OuterTile<3, NV, kInit, kKMajor>(a, lda, b, ldb, kn, y, ldy); break;
-    case 4: OuterTile<4, NV, kInit, kKMajor>(a, lda, b, ldb, kn, y, ldy); break;
-    case 5: OuterTile<5, NV, kInit, kKMajor>(a, lda, b, ldb, kn, y, ldy); break;
+    case 1: OuterTile<1, NV, kInit, kKMajor, kRelu>(a, lda, b, ldb, kn, y, ldy); break;
+    case 2: OuterTile<2, NV, kInit, kKMajor, kRelu>(a, lda, b, ldb, kn, y, ldy); break;
+    case 3: OuterTile<3, NV, kInit, kKMajor, kRelu>(a, lda, b, ldb, kn, y, ldy); break;
+    case 4: OuterTile<4, NV, kInit, kKMajor, kRelu>(a, lda, b, ldb, kn, y, ldy); break;
+    case 5: OuterTile<5, NV, kInit, kKMajor, kRelu>(a, lda, b, ldb, kn, y, ldy); break;
     default:
       for (; i < n; ++i, a += step, y += ldy)
-        OuterTile<1, NV, kInit, kKMajor>(a, lda, b, ldb, kn, y, ldy);
+        OuterTile<1, NV, kInit, kKMajor, kRelu>(a, lda, b, ldb, kn, y, ldy);
   }
 }
 
-// y[j, :] (+)= x[j, :] @ w for n pixels j (x rows stride ci, y rows stride co): 24 / NV pixels
-// x 16 NV outputs a tile.
-template <int NV, bool kInit = false>
+// Rows of a tile: every accumulator register in use (the kernel gradient: at most 8 rows).
+template <int NV>
+constexpr int kFwdRows = simd::kAcc / NV;
+template <int NV>
+constexpr int kWgradRows = std::min(8, simd::kAcc / NV);
+
+// y[j, :] (+)= x[j, :] @ w for n pixels j (x rows stride ci, y rows stride co).
+template <int NV, bool kInit = false, bool kRelu = false>
 void FwdRowSpan(const float* x, int64_t n, int64_t ci, const float* w, int64_t co, float* y) {
-  OuterSpan<24 / NV, NV, kInit, false>(x, ci, w, co, ci, y, co, n);
+  OuterSpan<kFwdRows<NV>, NV, kInit, false, kRelu>(x, ci, w, co, ci, y, co, n);
 }
 
-// fn(std::integral_constant<int, NV>, o) over output-channel blocks [o, o + 16 NV), NV in 4, 2, 1.
+// fn(std::integral_constant<int, NV>, o) over output-channel blocks [o, o + kLanes NV): the
+// widest NV <= kMaxNV (4, 2 or 1) that divides what is left.
 template <typename F>
 void ForOutputBlocks(int64_t co, F&& fn) {
   for (int64_t o = 0; o < co;) {
     const int64_t left = co - o;
-    if (left % 64 == 0) {
-      fn(std::integral_constant<int, 4>{}, o), o += 64;
-    } else if (left % 32 == 0) {
-      fn(std::integral_constant<int, 2>{}, o), o += 32;
-    } else {
-      fn(std::integral_constant<int, 1>{}, o), o += 16;
+    if constexpr (simd::kMaxNV >= 4) {
+      if (left % (4 * kLanes) == 0) {
+        fn(std::integral_constant<int, 4>{}, o), o += 4 * kLanes;
+        continue;
+      }
     }
+    if constexpr (simd::kMaxNV >= 2) {
+      if (left % (2 * kLanes) == 0) {
+        fn(std::integral_constant<int, 2>{}, o), o += 2 * kLanes;
+        continue;
+      }
+    }
+    fn(std::integral_constant<int, 1>{}, o), o += kLanes;
   }
 }
 
@@ -137,17 +272,30 @@ struct Shape {
   int64_t b, h, w, ci, co, k;
 };
 
-// One output row y[b, i, :, :].
+// One output row y[b, i, :, :]. The centre tap, which covers every pixel, comes first and
+// initialises the row (no zeroing pass); for 1x1 kernels it is the only one and the ReLU is
+// applied as it is stored, otherwise in a last pass.
 void FwdRow(const Shape& s, const float* x, const float* w, float* y, int64_t b, int64_t i,
             bool relu) {
   const int64_t p = s.k / 2;
   float* yr = y + ((b * s.h + i) * s.w) * s.co;
-  std::memset(yr, 0, sizeof(float) * s.w * s.co);
+  const float* xc = x + ((b * s.h + i) * s.w) * s.ci;
+  const float* wc = w + ((p * s.k + p) * s.ci) * s.co;
+  const bool fused_relu = relu && s.k == 1;
+  ForOutputBlocks(s.co, [&](auto nv, int64_t o) {
+    constexpr int NV = decltype(nv)::value;
+    if (fused_relu) {
+      FwdRowSpan<NV, true, true>(xc, s.w, s.ci, wc + o, s.co, yr + o);
+    } else {
+      FwdRowSpan<NV, true>(xc, s.w, s.ci, wc + o, s.co, yr + o);
+    }
+  });
   for (int64_t dy = 0; dy < s.k; ++dy) {
     const int64_t ii = i + dy - p;
     if (ii < 0 || ii >= s.h) continue;
     const float* xr = x + ((b * s.h + ii) * s.w) * s.ci;
     for (int64_t dx = 0; dx < s.k; ++dx) {
+      if (dy == p && dx == p) continue;  // done above
       const int64_t j0 = std::max<int64_t>(0, p - dx), j1 = std::min<int64_t>(s.w, s.w + p - dx);
       if (j1 <= j0) continue;
       const float* xs = xr + (j0 + dx - p) * s.ci;
@@ -157,10 +305,10 @@ void FwdRow(const Shape& s, const float* x, const float* w, float* y, int64_t b,
       });
     }
   }
-  if (relu) {
-    const __m512 zero = _mm512_setzero_ps();
-    for (int64_t q = 0; q < s.w * s.co; q += 16)
-      _mm512_storeu_ps(yr + q, _mm512_max_ps(zero, _mm512_loadu_ps(yr + q)));
+  if (relu && !fused_relu) {
+    const V zero = simd::Zero();
+    for (int64_t q = 0; q < s.w * s.co; q += kLanes)
+      simd::Store(yr + q, simd::Max(zero, simd::Load(yr + q)));
   }
 }
 
@@ -168,7 +316,7 @@ void FwdRow(const Shape& s, const float* x, const float* w, float* y, int64_t b,
 // g and dw rows stride co).
 template <int NV>
 void WgradSpan(const float* x, const float* g, int64_t n, int64_t ci, int64_t co, float* dw) {
-  OuterSpan<(24 / NV > 8 ? 8 : 24 / NV), NV, false, true>(x, ci, g, co, n, dw, co, ci);
+  OuterSpan<kWgradRows<NV>, NV, false, true>(x, ci, g, co, n, dw, co, ci);
 }
 
 // Adds the contribution of rows [i0, i1) of image b to dw (one worker's partial sum).
@@ -194,39 +342,39 @@ void WgradRows(const Shape& s, const float* x, const float* g, float* dw, int64_
 
 // --- Winograd F(2x2, 3x3) ------------------------------------------------------------------
 // y = A^T [ U (.) (B^T d B) ] A per 2x2 output tile, with U = G w G^T for each (ci, co):
-// 16 matrix products (tiles x Ci) @ (Ci x Co) replace the 9 of the
-// direct form on 2.25x fewer multiplies. Vectorised over 16 channels; Ci, Co % 16 == 0.
+// 16 matrix products (tiles x Ci) @ (Ci x Co) replace the 9 of the direct form on 2.25x
+// fewer multiplies. Vectorised over kLanes channels; Ci, Co % 16 == 0.
 
 // V[xi][t][c] for the tiles t of output tile-rows [r0, r1) of image b.
 void WinoInput(const Shape& s, const float* x, int64_t b, int64_t r0, int64_t r1, int64_t tw,
                float* v, int64_t tiles) {
-  const __m512 zero = _mm512_setzero_ps();
+  using simd::Add, simd::Sub;
+  const V zero = simd::Zero();
   int64_t t = 0;
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t q = 0; q < tw; ++q, ++t)
-      for (int64_t c = 0; c < s.ci; c += 16) {
-        __m512 d[4][4];
+      for (int64_t c = 0; c < s.ci; c += kLanes) {
+        V d[4][4];
         for (int i = 0; i < 4; ++i) {
           const int64_t ii = 2 * r - 1 + i;
           for (int j = 0; j < 4; ++j) {
             const int64_t jj = 2 * q - 1 + j;
             d[i][j] = (ii < 0 || ii >= s.h || jj < 0 || jj >= s.w)
                           ? zero
-                          : _mm512_loadu_ps(x + ((b * s.h + ii) * s.w + jj) * s.ci + c);
+                          : simd::Load(x + ((b * s.h + ii) * s.w + jj) * s.ci + c);
           }
         }
-        __m512 e[4][4];  // B^T d
+        V e[4][4];  // B^T d
         for (int j = 0; j < 4; ++j) {
-          e[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
-          e[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
-          e[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-          e[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+          e[0][j] = Sub(d[0][j], d[2][j]);
+          e[1][j] = Add(d[1][j], d[2][j]);
+          e[2][j] = Sub(d[2][j], d[1][j]);
+          e[3][j] = Sub(d[1][j], d[3][j]);
         }
         for (int i = 0; i < 4; ++i) {  // (B^T d) B
-          __m512 f[4] = {_mm512_sub_ps(e[i][0], e[i][2]), _mm512_add_ps(e[i][1], e[i][2]),
-                         _mm512_sub_ps(e[i][2], e[i][1]), _mm512_sub_ps(e[i][1], e[i][3])};
-          for (int j = 0; j < 4; ++j)
-            _mm512_storeu_ps(v + ((4 * i + j) * tiles + t) * s.ci + c, f[j]);
+          const V f[4] = {Sub(e[i][0], e[i][2]), Add(e[i][1], e[i][2]), Sub(e[i][2], e[i][1]),
+                          Sub(e[i][1], e[i][3])};
+          for (int j = 0; j < 4; ++j) simd::Store(v + ((4 * i + j) * tiles + t) * s.ci + c, f[j]);
         }
       }
 }
@@ -234,30 +382,30 @@ void WinoInput(const Shape& s, const float* x, int64_t b, int64_t r0, int64_t r1
 // y tiles from M[xi][t][o]: A^T M A, clipped to the image, optional ReLU.
 void WinoOutput(const Shape& s, const float* m, int64_t b, int64_t r0, int64_t r1, int64_t tw,
                 int64_t tiles, float* y, bool relu) {
-  const __m512 zero = _mm512_setzero_ps();
+  using simd::Add, simd::Sub;
+  const V zero = simd::Zero();
   int64_t t = 0;
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t q = 0; q < tw; ++q, ++t)
-      for (int64_t o = 0; o < s.co; o += 16) {
-        __m512 a[4][4];
+      for (int64_t o = 0; o < s.co; o += kLanes) {
+        V a[4][4];
         for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j)
-            a[i][j] = _mm512_loadu_ps(m + ((4 * i + j) * tiles + t) * s.co + o);
-        __m512 e[2][4];  // A^T M
+          for (int j = 0; j < 4; ++j) a[i][j] = simd::Load(m + ((4 * i + j) * tiles + t) * s.co + o);
+        V e[2][4];  // A^T M
         for (int j = 0; j < 4; ++j) {
-          e[0][j] = _mm512_add_ps(_mm512_add_ps(a[0][j], a[1][j]), a[2][j]);
-          e[1][j] = _mm512_sub_ps(_mm512_sub_ps(a[1][j], a[2][j]), a[3][j]);
+          e[0][j] = Add(Add(a[0][j], a[1][j]), a[2][j]);
+          e[1][j] = Sub(Sub(a[1][j], a[2][j]), a[3][j]);
         }
         for (int i = 0; i < 2; ++i) {
           const int64_t ii = 2 * r + i;
           if (ii >= s.h) continue;
-          __m512 out[2] = {_mm512_add_ps(_mm512_add_ps(e[i][0], e[i][1]), e[i][2]),
-                           _mm512_sub_ps(_mm512_sub_ps(e[i][1], e[i][2]), e[i][3])};
+          const V out[2] = {Add(Add(e[i][0], e[i][1]), e[i][2]),
+                            Sub(Sub(e[i][1], e[i][2]), e[i][3])};
           for (int j = 0; j < 2; ++j) {
             const int64_t jj = 2 * q + j;
             if (jj >= s.w) continue;
-            _mm512_storeu_ps(y + ((b * s.h + ii) * s.w + jj) * s.co + o,
-                             relu ? _mm512_max_ps(zero, out[j]) : out[j]);
+            simd::Store(y + ((b * s.h + ii) * s.w + jj) * s.co + o,
+                        relu ? simd::Max(zero, out[j]) : out[j]);
           }
         }
       }
@@ -265,25 +413,23 @@ void WinoOutput(const Shape& s, const float* m, int64_t b, int64_t r0, int64_t r
 
 // U[4a+b][c][o] = sum_ij G[a][i] w[i][j][c][o] G[b][j] for G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1].
 void WinoKernel(const float* w, int64_t ci, int64_t co, float* u) {
-  const __m512 half = _mm512_set1_ps(0.5f);
+  using simd::Add, simd::Mul, simd::Sub;
+  const V half = simd::Set1(0.5f);
   const int64_t plane = ci * co;
-  for (int64_t q = 0; q < plane; q += 16) {
-    __m512 g[3][3], t[4][3];
+  for (int64_t q = 0; q < plane; q += kLanes) {
+    V g[3][3], t[4][3];
     for (int i = 0; i < 3; ++i)
-      for (int j = 0; j < 3; ++j) g[i][j] = _mm512_loadu_ps(w + (3 * i + j) * plane + q);
+      for (int j = 0; j < 3; ++j) g[i][j] = simd::Load(w + (3 * i + j) * plane + q);
     for (int j = 0; j < 3; ++j) {
-      __m512 even = _mm512_mul_ps(half, _mm512_add_ps(g[0][j], g[2][j]));
-      __m512 odd = _mm512_mul_ps(half, g[1][j]);
-      t[0][j] = g[0][j], t[1][j] = _mm512_add_ps(even, odd), t[2][j] = _mm512_sub_ps(even, odd);
-      t[3][j] = g[2][j];
+      const V even = Mul(half, Add(g[0][j], g[2][j])), odd = Mul(half, g[1][j]);
+      t[0][j] = g[0][j], t[1][j] = Add(even, odd), t[2][j] = Sub(even, odd), t[3][j] = g[2][j];
     }
     for (int a = 0; a < 4; ++a) {
-      __m512 even = _mm512_mul_ps(half, _mm512_add_ps(t[a][0], t[a][2]));
-      __m512 odd = _mm512_mul_ps(half, t[a][1]);
-      _mm512_storeu_ps(u + (4 * a + 0) * plane + q, t[a][0]);
-      _mm512_storeu_ps(u + (4 * a + 1) * plane + q, _mm512_add_ps(even, odd));
-      _mm512_storeu_ps(u + (4 * a + 2) * plane + q, _mm512_sub_ps(even, odd));
-      _mm512_storeu_ps(u + (4 * a + 3) * plane + q, t[a][2]);
+      const V even = Mul(half, Add(t[a][0], t[a][2])), odd = Mul(half, t[a][1]);
+      simd::Store(u + (4 * a + 0) * plane + q, t[a][0]);
+      simd::Store(u + (4 * a + 1) * plane + q, Add(even, odd));
+      simd::Store(u + (4 * a + 2) * plane + q, Sub(even, odd));
+      simd::Store(u + (4 * a + 3) * plane + q, t[a][2]);
     }
   }
 }
@@ -321,7 +467,7 @@ ffi::Error ConvFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 }
 
 ffi::Error ConvWinograd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> y, bool relu) {
+                        ffi::ResultBuffer<ffi::F32> y, bool relu) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 4 || wd.size() != 4 || wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3])
     return ffi::Error::InvalidArgument("wcdm winograd: expected x (B,H,W,Cin), w (3,3,Cin,Cout)");
@@ -397,3 +543,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WcdmConvFwd, ConvFwd, TwoOperandBinding().Attr<boo
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WcdmConvWinograd, ConvWinograd,
                               TwoOperandBinding().Attr<bool>("relu"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WcdmConvWgrad, ConvWgrad, TwoOperandBinding().Attr<int64_t>("k"));
+
+extern "C" {
+
+const char* WcdmIsa() { return simd::kIsa; }
+
+const char* WcdmBuildTag() { return WCDM_BUILD_TAG; }
+
+}  // extern "C"
