@@ -129,7 +129,7 @@ def run_torch(args, seed, steps, clean, noisy):
     loss.backward()
     opt.step()
     sched.step()
-    losses.append(float(loss))
+    losses.append(float(loss.detach()))
   wall = time.time() - t0
   net.eval()
   out = {}

@@ -55,7 +55,10 @@ flags.DEFINE_integer("nll_evals", 64, "--nll: denoiser evaluations per image and
                      lower_bound=1)
 flags.DEFINE_integer("nll_replicas", 4, "--nll: shifted lattices (standard error from their "
                      "spread).", lower_bound=2)
-flags.DEFINE_float("nll_sigma_min", 0.25, "--nll: smallest noise std (/255).")
+flags.DEFINE_float("nll_sigma_min", 0.25, "--nll: smallest noise std (/255); the bound is also "
+                   "reported with the reconstruction at 2x, 4x, ... of it (--nll_scan).")
+flags.DEFINE_integer("nll_scan", 8, "--nll: reconstruction cuts sigma_min * 2^k, k < nll_scan.",
+                     lower_bound=1)
 flags.DEFINE_float("nll_sigma_max", 255.0, "--nll: largest noise std (/255): the nets' "
                    "training range.")
 flags.DEFINE_integer("nll_bits", 8, "--nll: bit depth of the images (0 = continuous).",
@@ -76,7 +79,7 @@ def main(argv):
     try:
       nll_cfg = likelihood.LikelihoodConfig(
           FLAGS.nll_evals, FLAGS.nll_replicas, FLAGS.nll_sigma_min / 255, FLAGS.nll_sigma_max / 255,
-          2 ** FLAGS.nll_bits if FLAGS.nll_bits else 0)
+          2 ** FLAGS.nll_bits if FLAGS.nll_bits else 0, scan=FLAGS.nll_scan)
     except ValueError as e:
       raise app.UsageError(f"--nll_*: {e}") from e
   names = FLAGS.names or [os.path.basename(os.path.normpath(m)) for m in FLAGS.models]
@@ -101,9 +104,13 @@ def main(argv):
       common.require_finite(f"the log-likelihood of model {name!r}", r["bits_per_pixel"])
       r["kind"] = "multi-scale" if params.spec.levels else "flat"
       nll[name] = r
-      terms = ", ".join(f"{k} {v:.3f}" for k, v in r["scales"].items())
-      common.log(f"{name}: {r['bits_per_pixel']:.4f} bits/pixel (Monte Carlo s.e. "
-                 f"{r['mc_stderr']:.4f}, over images {r['stderr_over_images']:.4f}); {terms}")
+      best = r["scan"]["best"]
+      terms = ", ".join(f"{k} {v:.3f}" for k, v in best["scales"].items())
+      common.log(f"{name}: {best['bits_per_pixel']:.4f} bits/pixel with the reconstruction at "
+                 f"sigma {best['sigma_min_255']:g}/255 (Monte Carlo s.e. {best['mc_stderr']:.4f},"
+                 f" over images {best['stderr_over_images']:.4f}); {terms}; at each sigma_min "
+                 + " ".join(f"{t:g}:{v:.3f}" for t, v in zip(r["scan"]["sigma_min_255"],
+                                                          r["scan"]["bits_per_pixel"])))
     with open(os.path.join(FLAGS.out, "nll.json"), "w") as f:
       json.dump({"images": FLAGS.images, "num_images": len(images), "image_size": size,
                  "split": FLAGS.split, "models": nll}, f, indent=1)

@@ -60,6 +60,8 @@ flags.DEFINE_float("ema_decay", None, "Decay of the weights' moving average used
                    "sampling and the saved model (0: none; default: the recipe's).")
 flags.DEFINE_string("gain_init", None, "Initial batch-norm gains: 'paper' (N(0,1) 2/9/64, "
                     "clipped to 0.025) or a constant (default: the recipe's).")
+flags.DEFINE_bool("zero_init_output", None, "Start the last convolution at zero (the "
+                  "denoiser starts as the identity; default: the recipe's, off in both).")
 flags.DEFINE_float("bn_momentum", None, "Batch-norm running-std momentum (default: the "
                    "recipe's, 0.1).")
 flags.DEFINE_integer("batch_size", 512, "Global batch size.", lower_bound=1)
@@ -119,8 +121,8 @@ def _number_or(text: str, word: str, flag: str) -> float | None:
 
 def _recipe_overrides() -> dict:
   """The recipe settings given on the command line (the others stay the recipe's)."""
-  out = {k: getattr(FLAGS, k) for k in ("schedule", "warmup_steps", "ema_decay", "bn_momentum")
-         if getattr(FLAGS, k) is not None}
+  out = {k: getattr(FLAGS, k) for k in ("schedule", "warmup_steps", "ema_decay", "bn_momentum",
+                                        "zero_init_output") if getattr(FLAGS, k) is not None}
   if FLAGS.clip_factor is not None:
     out["clip_factor"] = _number_or(FLAGS.clip_factor, "none", "clip_factor")
   if FLAGS.gain_init is not None:

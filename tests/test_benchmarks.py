@@ -33,6 +33,11 @@ def test_sampling_benchmark_runs():
   assert "PyTorch, one image at a time" in out and "GFLOP/s" in out
 
 
+def test_likelihood_benchmark_runs():
+  out = _run("bench_likelihood.py", "--tiny", "--num_evals=4", "--batch=2", "--repeats=1")
+  assert "images/min" in out and "ms_celebA_160x160_gray_rf13 (random)" in out
+
+
 def test_accelerator_check_tiny():
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHON=sys.executable)
   res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "accelerator_check.sh"),

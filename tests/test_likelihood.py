@@ -82,6 +82,23 @@ def test_better_denoiser_gives_lower_bound_paired(gaussian):
   assert diff_se < 0.5 * _mean_se(good)[1]
 
 
+def test_an_error_floor_moves_the_best_reconstruction_cut(gaussian):
+  """A denoiser that is off by 0.01 everywhere (a 40 dB floor) pays floor / (2 s^2) per pixel
+  below the floor: the scan's best cut moves up to about the floor; the oracle's stays at the
+  bottom (its bound only loosens as the cut rises)."""
+  cov, x = gaussian
+  cfg = likelihood.LikelihoodConfig(num_evals=32, replicas=4, sigma_min=1e-3, sigma_max=20.0,
+                                    bins=0, prior_mean=0.0, prior_var=0.1, scan=8)
+  keys = _keys(x.shape[0], 9)
+  oracle = _flat_denoiser(cov)
+  good, _ = likelihood.bound_scan(keys, oracle, x, cfg)
+  floored, _ = likelihood.bound_scan(keys, lambda y, s: oracle(y, s) + 0.01, x, cfg)
+  good, floored = np.asarray(good).mean(0), np.asarray(floored).mean(0)
+  assert good[-1] > good[0] + 1.0  # the oracle gains nothing from a coarser cut
+  assert 2 <= np.argmin(floored) <= 5, floored  # cuts 1e-3 * 2^k: the floor 0.01 is k = 3.3
+  assert floored[0] > good[0] + 0.4 * D * 0.01 ** 2 / (2 * 1e-3 ** 2)
+
+
 def _multiscale_denoisers(cov):
   """Exact low-pass and conditional MMSE denoisers of the J = 1 Haar pyramid of N(0, cov)."""
   basis = jnp.eye(D, dtype=jnp.float32).reshape(D, SIZE, SIZE, 1)
@@ -113,7 +130,7 @@ def test_multiscale_total_equals_flat_and_entropy(gaussian):
   nats, errs = jax.jit(lambda k, x: likelihood.multiscale_nats(k, low, [cond], x, CFG))(keys, x)
   assert sorted(nats) == ["cond0", "log_det", "low"]
   np.testing.assert_allclose(nats["log_det"], D * math.log(2), rtol=1e-6)
-  total = sum(nats.values())
+  total = sum(nats.values())[:, 0]  # the bound at sigma_min (columns: the scan's cuts)
   ms_mean, ms_se = _mean_se(total)
   flat, _ = likelihood.bound_nats(keys, _flat_denoiser(cov), x, CFG)
   flat_mean, flat_se = _mean_se(flat)
@@ -144,6 +161,9 @@ def test_log_prob_on_models_batch_invariant_and_deterministic(levels):
   names = ["flat"] if not levels else ["cond0", "log_det", "low"]
   assert sorted(out.scales) == sorted(names + ["dequantization"])
   np.testing.assert_allclose(sum(out.scales.values()), out.bits_per_pixel, rtol=1e-6)
+  assert out.scan.shape == (3, cfg.scan) and len(cfg.truncations) == cfg.scan
+  np.testing.assert_array_equal(out.scan[:, 0], out.bits_per_pixel)
+  np.testing.assert_allclose(sum(out.scales_scan.values()), out.scan, rtol=1e-6)
   np.testing.assert_allclose(out.scales["dequantization"], math.log2(255))
   if levels:
     np.testing.assert_allclose(out.scales["log_det"], 1.0)  # 64 coefficients / 64 pixels

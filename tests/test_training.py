@@ -311,3 +311,17 @@ def test_checkpoints_from_before_the_recipes_count_as_the_paper_recipe():
   changes = trainer.config_changes(meta, training.TrainConfig(), data.DataConfig())
   assert "recipe: checkpoint 'paper', this run 'default'" in changes
   assert "ema_decay: checkpoint 0.0, this run 0.999" in changes
+
+
+def test_zero_init_output_starts_as_the_identity():
+  net = TINY.nets["cond0"]
+  x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 4))
+  for cfg, identity in ((training.TrainConfig(zero_init_output=True), True),
+                        (training.TrainConfig(), False),
+                        (training.TrainConfig.from_recipe("paper"), False)):
+    tx = training.make_optimizer(TINY, "cond0", cfg)
+    state = training.init_state(jax.random.key(1), net, tx, cfg)
+    residual = models.apply_net(net, state.variables(), x)
+    assert bool(jnp.all(residual == 0)) == identity
+    assert bool(jnp.all(state.params["conv_3"]["kernel"] == 0)) == identity
+    assert not bool(jnp.all(state.params["conv_0"]["kernel"] == 0))

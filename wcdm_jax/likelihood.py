@@ -66,6 +66,12 @@ class LikelihoodConfig:
     dequantisation, bits of a density).
   prior_mean, prior_var: the prior of y at sigma_max is N(prior_mean, sigma_max^2 + prior_var)
     per pixel for the low-pass (or flat) image, N(0, sigma_max^2) for wavelet details.
+  scan: the bound is also computed, from the same evaluations, with the reconstruction term
+    moved up to sigma_min * 2^k, k = 1 .. scan - 1 (``LogProb.scan``). A denoiser that is not
+    the identity on clean images (an error floor, e.g. 40 dB) pays floor / (2 s^2) nats per
+    pixel for every s below its floor; the bound is valid for every truncation point, and the
+    best one says at which noise level the model's fine-scale density stops being better
+    than Gaussian noise of that width.
   """
   num_evals: int = 64
   replicas: int = 4
@@ -74,6 +80,7 @@ class LikelihoodConfig:
   bins: int = 256
   prior_mean: float = 0.5
   prior_var: float = 1.0 / 12
+  scan: int = 8
 
   def __post_init__(self):
     if not isinstance(self.replicas, int) or self.replicas < 2:
@@ -89,6 +96,8 @@ class LikelihoodConfig:
                        "positive: need 0 < sigma_min < sigma_max, e.g. 0.25/255 and 1.0")
     if not isinstance(self.bins, int) or self.bins == 1 or self.bins < 0:
       raise ValueError(f"bins={self.bins!r}: 256 for 8-bit images, 0 for continuous data")
+    if not isinstance(self.scan, int) or self.scan < 1:
+      raise ValueError(f"scan={self.scan!r}: need an int >= 1 (1 = the bound at sigma_min only)")
     if not (np.isfinite(self.prior_var) and self.prior_var >= 0 and np.isfinite(self.prior_mean)):
       raise ValueError(f"prior_mean={self.prior_mean}, prior_var={self.prior_var}: need finite "
                        "values and prior_var >= 0")
@@ -97,6 +106,11 @@ class LikelihoodConfig:
   def strata(self) -> int:
     return self.num_evals // self.replicas
 
+  @property
+  def truncations(self) -> tuple[float, ...]:
+    """The reconstruction-term noise levels of ``LogProb.scan`` (pixel units)."""
+    return tuple(min(self.sigma_min * 2 ** k, self.sigma_max) for k in range(self.scan))
+
 
 @struct.dataclass
 class LogProb:
@@ -104,11 +118,16 @@ class LogProb:
   Monte Carlo standard error; ``scales`` splits it into terms that sum to the total:
   'flat', or 'low' (x_J), 'cond{J-1}' .. 'cond0' (each level's details given its low-pass)
   and 'log_det' (the pyramid's scaling), all in bits per pixel of the full image, plus
-  'dequantization' (log2(bins - 1), 0 for continuous data). ``scales_stderr``: per term."""
+  'dequantization' (log2(bins - 1), 0 for continuous data). ``scales_stderr``: per term.
+  ``scan`` / ``scan_stderr``: the total with the reconstruction term at each of
+  ``config.truncations`` (column 0 = bits_per_pixel); ``scales_scan``: per term."""
   bits_per_pixel: jax.Array  # (B,)
   stderr: jax.Array  # (B,)
   scales: dict[str, jax.Array]  # each (B,)
   scales_stderr: dict[str, jax.Array]  # each (B,)
+  scan: jax.Array  # (B, T)
+  scan_stderr: jax.Array  # (B, T)
+  scales_scan: dict[str, jax.Array]  # each (B, T)
 
 
 def _prior_kl(x: jax.Array, sigma_max: float, mean: float, var: float) -> jax.Array:
@@ -118,13 +137,16 @@ def _prior_kl(x: jax.Array, sigma_max: float, mean: float, var: float) -> jax.Ar
   return per.reshape(x.shape[0], -1).sum(-1)
 
 
-def bound_nats(keys: jax.Array, denoiser: Denoiser, x: jax.Array, cfg: LikelihoodConfig, *,
+def bound_scan(keys: jax.Array, denoiser: Denoiser, x: jax.Array, cfg: LikelihoodConfig, *,
                sigma_min: float | None = None, prior_mean: float | None = None,
                prior_var: float | None = None) -> tuple[jax.Array, jax.Array]:
-  """The bound on -log p(x) in nats for continuous x (B, h, w, c): (estimate (B,), stderr (B,)).
+  """The bound on -log p(x) in nats for continuous x (B, h, w, c) with the reconstruction
+  term at each of sigma_min * 2^k, k < cfg.scan: (estimates (B, T), stderrs (B, T)).
 
   keys: (B,) one key per image (its noise levels and noise); denoiser(y, sigma) -> E[x | y].
-  sigma_min / prior_*: override the config's for this scale (the multi-scale gains).
+  sigma_min / prior_*: override the config's for this scale (the multi-scale gains). The
+  evaluations are log-uniform on [sigma_min, sigma_max]; truncation t keeps those >= t
+  (an unbiased estimate of the integral from t).
   """
   b = x.shape[0]
   d = math.prod(x.shape[1:])
@@ -147,11 +169,21 @@ def bound_nats(keys: jax.Array, denoiser: Denoiser, x: jax.Array, cfg: Likelihoo
     return None, span * err / sigma ** 2
 
   _, vals = jax.lax.scan(one, None, jnp.arange(k * r))  # (N, B)
-  per_replica = vals.T.reshape(b, k, r).mean(1)  # (B, R) unbiased estimates of the integral
-  diffusion = per_replica.mean(1)
+  vals = vals.T.reshape(b, k, r)
+  cuts = jnp.asarray([min(s_min * 2 ** i, s_max) for i in range(cfg.scan)], jnp.float32)  # (T,)
+  keep = log_sigmas.reshape(b, k, r)[..., None] >= jnp.log(cuts)  # (B, K, R, T)
+  per_replica = jnp.mean(jnp.where(keep, vals[..., None], 0.0), axis=1)  # (B, R, T)
+  diffusion = per_replica.mean(1)  # (B, T)
   stderr = per_replica.std(1, ddof=1) / math.sqrt(r)
-  recon = 0.5 * d * math.log(2 * math.pi * math.e * s_min ** 2)
-  return _prior_kl(x, s_max, mean, var) + recon + diffusion, stderr
+  recon = 0.5 * d * jnp.log(2 * math.pi * math.e * cuts ** 2)  # (T,)
+  return _prior_kl(x, s_max, mean, var)[:, None] + recon + diffusion, stderr
+
+
+def bound_nats(keys: jax.Array, denoiser: Denoiser, x: jax.Array, cfg: LikelihoodConfig,
+               **kwargs) -> tuple[jax.Array, jax.Array]:
+  """``bound_scan`` at sigma_min only: (estimate (B,), stderr (B,)) in nats."""
+  est, se = bound_scan(keys, denoiser, x, cfg, **kwargs)
+  return est[:, 0], se[:, 0]
 
 
 def _dequantize(keys: jax.Array, x: jax.Array, bins: int) -> jax.Array:
@@ -175,21 +207,23 @@ def _per_scale(keys: jax.Array, scale: int) -> jax.Array:
 def multiscale_nats(keys: jax.Array, low_denoiser: Denoiser,
                     cond_denoisers: Sequence[CondDenoiser], x: jax.Array, cfg: LikelihoodConfig,
                     wavelet: str = "haar") -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  """Per-term nats (and stderrs) of continuous x (B, H, W, C) under a pyramid of
-  len(cond_denoisers) levels: 'low', 'cond{j}' and 'log_det' (sum over terms = the bound)."""
+  """Per-term nats (and stderrs), each (B, T) over ``cfg.truncations``, of continuous x
+  (B, H, W, C) under a pyramid of len(cond_denoisers) levels: 'low', 'cond{j}' and
+  'log_det' (sum over terms = the bound). Truncation t is t 2^-(j+1) for the details of level
+  j and t 2^-J for the low-pass: one pixel-domain noise level for every scale."""
   levels = len(cond_denoisers)
   lows, details = wavelets.analysis(x, levels, wavelet)
   nats, errs = {}, {}
-  nats["low"], errs["low"] = bound_nats(_per_scale(keys, 0), low_denoiser, lows[-1], cfg,
+  nats["low"], errs["low"] = bound_scan(_per_scale(keys, 0), low_denoiser, lows[-1], cfg,
                                         sigma_min=cfg.sigma_min / 2 ** levels)
   for j in reversed(range(levels)):
     f = functools.partial(lambda y, s, j: cond_denoisers[j](y, lows[j], s), j=j)
-    nats[f"cond{j}"], errs[f"cond{j}"] = bound_nats(
+    nats[f"cond{j}"], errs[f"cond{j}"] = bound_scan(
         _per_scale(keys, j + 1), f, details[j], cfg, sigma_min=cfg.sigma_min / 2 ** (j + 1),
         prior_mean=0.0, prior_var=0.0)
   dims = sum(math.prod(v.shape[1:]) for v in [x] + lows[:-1])  # inputs of the J splits
-  nats["log_det"] = jnp.full((x.shape[0],), LN2 * dims)
-  errs["log_det"] = jnp.zeros((x.shape[0],))
+  nats["log_det"] = jnp.full((x.shape[0], cfg.scan), LN2 * dims)
+  errs["log_det"] = jnp.zeros((x.shape[0], cfg.scan))
   return nats, errs
 
 
@@ -200,7 +234,7 @@ def _log_prob(keys, params: models.ModelParams, images, cfg: LikelihoodConfig, c
   x = _dequantize(deq_keys, images.astype(jnp.float32), cfg.bins)
   blind = lambda name: (lambda y, _s, f=params.residual_fn(name, conv_impl): y - f(y))
   if spec.levels == 0:
-    nats, errs = bound_nats(_per_scale(scale_keys, 0), blind("flat"), x, cfg)
+    nats, errs = bound_scan(_per_scale(scale_keys, 0), blind("flat"), x, cfg)
     nats, errs = {"flat": nats}, {"flat": errs}
   else:
     conds = [(lambda y, low, _s, f=params.residual_fn(f"cond{j}", conv_impl):
@@ -210,11 +244,12 @@ def _log_prob(keys, params: models.ModelParams, images, cfg: LikelihoodConfig, c
   scales = {n: v / (pixels * LN2) for n, v in nats.items()}
   scales_err = {n: v / (pixels * LN2) for n, v in errs.items()}
   deq = math.log2(cfg.bins - 1) if cfg.bins else 0.0
-  scales["dequantization"] = jnp.full((images.shape[0],), deq)
-  scales_err["dequantization"] = jnp.zeros((images.shape[0],))
-  total = sum(scales.values())
+  scales["dequantization"] = jnp.full((images.shape[0], cfg.scan), deq)
+  scales_err["dequantization"] = jnp.zeros((images.shape[0], cfg.scan))
+  total = sum(scales.values())  # (B, T)
   stderr = jnp.sqrt(sum(e ** 2 for e in scales_err.values()))  # scales use independent keys
-  return LogProb(total, stderr, scales, scales_err)
+  return LogProb(total[:, 0], stderr[:, 0], {n: v[:, 0] for n, v in scales.items()},
+                 {n: v[:, 0] for n, v in scales_err.items()}, total, stderr, scales)
 
 
 def _check_images(params: models.ModelParams, images) -> jax.Array:
@@ -271,7 +306,9 @@ def dataset_log_prob(params: models.ModelParams, images: np.ndarray, *, seed: in
 
   Returns JSON-ready means over the images: 'bits_per_pixel', 'mc_stderr' (Monte Carlo error
   of that mean on these images), 'stderr_over_images' (the mean's error as an estimate over
-  the image distribution), per term 'scales' / 'scales_mc_stderr', and 'per_image'.
+  the image distribution), per term 'scales' / 'scales_mc_stderr', 'per_image', and 'scan':
+  the mean bound at each reconstruction cut (``config.truncations``) and the best of them
+  (a minimum over ``config.scan`` estimates: optimistic by at most about its standard error).
   """
   cfg = LikelihoodConfig() if config is None else config
   validation.positive_int(batch_size, "batch_size")
@@ -285,7 +322,21 @@ def dataset_log_prob(params: models.ModelParams, images: np.ndarray, *, seed: in
   bpp, se = cat(lambda p: p.bits_per_pixel), cat(lambda p: p.stderr)
   n = len(bpp)
   mc = lambda e: float(np.sqrt(np.sum(e ** 2)) / n)
+  scan = np.concatenate([p.scan for p in parts]).astype(np.float64)  # (N, T)
+  scan_se = np.concatenate([p.scan_stderr for p in parts]).astype(np.float64)
+  best = int(np.argmin(scan.mean(0)))
+  scales_at = lambda k: {n: float(np.concatenate([p.scales_scan[n][:, k] for p in parts]).mean())
+                         for n in parts[0].scales_scan}
   return {
+      "scan": {"sigma_min_255": [t * 255 for t in cfg.truncations],
+               "bits_per_pixel": scan.mean(0).tolist(),
+               "mc_stderr": (np.sqrt((scan_se ** 2).sum(0)) / n).tolist(),
+               "best": {"sigma_min_255": cfg.truncations[best] * 255,
+                        "bits_per_pixel": float(scan[:, best].mean()),
+                        "mc_stderr": float(np.sqrt((scan_se[:, best] ** 2).sum()) / n),
+                        "stderr_over_images": float(scan[:, best].std(ddof=1) / np.sqrt(n))
+                        if n > 1 else float("nan"),
+                        "scales": scales_at(best)}},
       "bits_per_pixel": float(bpp.mean()), "mc_stderr": mc(se),
       "stderr_over_images": float(bpp.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
       "scales": {k: float(cat(lambda p, k=k: p.scales[k]).mean()) for k in parts[0].scales},

@@ -38,9 +38,9 @@ from wcdm_jax import models, wavelets
 # sets these TrainConfig fields; ``TrainConfig.from_recipe`` takes it and any overrides.
 RECIPES = {
     "paper": dict(schedule="halving", warmup_steps=0, clip_factor=None, ema_decay=0.0,
-                  gain_init=None, bn_momentum=0.1),
+                  gain_init=None, bn_momentum=0.1, zero_init_output=False),
     "default": dict(schedule="cosine", warmup_steps=-1, clip_factor=None, ema_decay=0.999,
-                    gain_init=None, bn_momentum=0.1),
+                    gain_init=None, bn_momentum=0.1, zero_init_output=False),
 }
 # What checkpoints written before the recipe fields existed were trained with.
 LEGACY_RECIPE = "paper"
@@ -79,6 +79,7 @@ class TrainConfig:
   ema_decay: float = 0.999         # EMA of the weights for evaluation, sampling and the
   # checkpoints' 'model' item (decay min(ema_decay, (1 + t) / (10 + t)) at step t); 0: none
   gain_init: float | None = None   # batch-norm gains at init: None = the paper's, else constant
+  zero_init_output: bool = False   # last conv starts at 0: the denoiser starts as the identity
   bn_momentum: float = 0.1         # running-std momentum of the batch norm
 
   def __post_init__(self):
@@ -205,8 +206,13 @@ class TrainState:
 
 def init_state(key: jax.Array, net: models.NetSpec, tx: optax.GradientTransformation,
                cfg: TrainConfig) -> TrainState:
-  """Fresh variables (gains per ``cfg.gain_init``), optimiser state, and the EMA if any."""
+  """Fresh variables (gains per ``cfg.gain_init``; the last convolution zero with
+  ``cfg.zero_init_output``, so that y - f(y) starts as the identity and never destroys a clean
+  image while it learns), optimiser state, and the EMA if any."""
   v = models.init_net(key, net, gain_init=cfg.gain_init)
+  if cfg.zero_init_output:
+    last = f"conv_{net.num_layers - 1}"
+    v["params"] = {**v["params"], last: {"kernel": jnp.zeros_like(v["params"][last]["kernel"])}}
   return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
                     batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
                     ema=jax.tree.map(jnp.copy, v) if cfg.ema_decay else None)
