@@ -18,10 +18,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 def _pin_xdist_worker() -> None:
   """Give each pytest-xdist worker its own share of the cores (children inherit it).
 
-  XLA:CPU's thread pool spins while it waits for work; two workers (and the CLIs they start)
-  each sized to every core make each other 5-8x slower on 2 cores. Pinned, each worker's XLA
-  sizes its pool to its share, and tests that need every core (thread-count checks) widen
-  their child process's affinity themselves.
+  Without it each worker's XLA:CPU thread pool (and those of the CLIs it starts) is sized to
+  every core, so two workers oversubscribe the machine. Pinned, each worker's XLA sizes its
+  pool to its share; tests that need every core (thread-count checks) widen their child
+  process's affinity themselves (``all_cpus``).
   """
   worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
   if not (worker and count and hasattr(os, "sched_setaffinity")):
