@@ -180,7 +180,7 @@ def test_log_prob_on_models_batch_invariant_and_deterministic(levels):
     (lambda: dict(images=jnp.full((1, 8, 8, 1), jnp.nan)), "non-finite"),
     (lambda: dict(images=jnp.zeros((1, 8, 8, 3))), "channels"),
     (lambda: dict(images=jnp.zeros((1, 6, 5, 1))), "divisible"),
-    (lambda: dict(key=_keys(2)), "one per image"),
+    (lambda: dict(key=_keys(2)), r"got 2 keys but len\(images\)=1"),
     (lambda: dict(config="fast"), "LikelihoodConfig"),
 ])
 def test_log_prob_bad_input(make, match):

@@ -1,7 +1,3 @@
-import os
-import shutil
-import tempfile
-
 import jax
 import jax.numpy as jnp
 import numpy as np

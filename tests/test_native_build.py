@@ -9,9 +9,6 @@ import sys
 import tempfile
 import textwrap
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from conftest import REPO

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from wcdm_jax import models, validation, wavelets
+from wcdm_jax import models, sampling, validation, wavelets
 
 LN2 = math.log(2.0)
 # denoiser(y (B, h, w, c), sigma (B,)) -> estimate of E[x | y] (B, h, w, c); blind ones ignore sigma
@@ -288,13 +288,7 @@ def log_prob(key: jax.Array, params: models.ModelParams, images: jax.Array, *,
     raise TypeError(f"config must be a wcdm_jax.likelihood.LikelihoodConfig, got "
                     f"{type(cfg).__name__}")
   images = _check_images(params, images)
-  keys = validation.key(key)
-  one_key_ndim = 0 if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) else 1
-  if keys.ndim == one_key_ndim:
-    keys = jax.random.split(keys, images.shape[0])
-  elif keys.ndim != one_key_ndim + 1 or keys.shape[0] != images.shape[0]:
-    raise ValueError(f"key must be one key or {images.shape[0]} keys (one per image), got shape "
-                     f"{keys.shape}")
+  keys = sampling._keys(key, images.shape[0], "len(images)")  # pylint: disable=protected-access
   return _log_prob(keys, params, images, cfg, conv_impl)
 
 

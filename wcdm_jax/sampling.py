@@ -125,16 +125,17 @@ def ascent(keys: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], shape
   return y - residual_fn(y), info
 
 
-def _keys(key: jax.Array, num_samples: int | None) -> jax.Array:
-  """A batch of keys: ``key`` itself when it is already (B,), else split into num_samples."""
+def _keys(key: jax.Array, num_samples: int | None, count_name: str = "num_samples") -> jax.Array:
+  """A batch of keys: ``key`` itself when it is already (B,), else split into num_samples.
+  ``count_name`` names the count in the error (callers whose count is a batch's size)."""
   key = validation.key(key)
   if num_samples is not None:
     num_samples = validation.positive_int(num_samples, "num_samples")
   one_key_ndim = 0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1  # legacy: (2,)
   if key.ndim == one_key_ndim + 1:
     if num_samples not in (None, key.shape[0]):
-      raise ValueError(f"got {key.shape[0]} keys but num_samples={num_samples}; pass one key "
-                       "or exactly num_samples keys")
+      raise ValueError(f"got {key.shape[0]} keys but {count_name}={num_samples}; pass one key "
+                       f"or exactly {count_name} keys")
     return key
   if key.ndim > one_key_ndim:
     raise ValueError(f"key must be one key or a (B,) batch of keys, got shape {key.shape}")

@@ -64,6 +64,10 @@ def _net_names(spec: models.ModelSpec, nets: Sequence[str]) -> list[str]:
   return [n for n in names if n in chosen]
 
 
+# What a train_config saved before the recipe fields existed stands for (LEGACY_RECIPE's values).
+_LEGACY_SETTINGS = dict(training.RECIPES[training.LEGACY_RECIPE], recipe=training.LEGACY_RECIPE)
+
+
 def config_changes(meta: dict, cfg: training.TrainConfig, data_cfg: data.DataConfig) -> list[str]:
   """'field: checkpoint X, this run Y' for every setting that differs from the checkpoint's.
 
@@ -71,13 +75,12 @@ def config_changes(meta: dict, cfg: training.TrainConfig, data_cfg: data.DataCon
   ``training.LEGACY_RECIPE``: its values stand in for the settings they lack. A meta without
   any train_config (hand-written, or none readable) has nothing to compare.
   """
-  legacy = dict(training.RECIPES[training.LEGACY_RECIPE], recipe=training.LEGACY_RECIPE)
   out = []
   for key, current in (("train_config", dataclasses.asdict(cfg)),
                        ("data_config", dataclasses.asdict(data_cfg))):
     saved = meta.get(key) or {}
     if key == "train_config" and saved:
-      saved = dict(legacy, **saved)
+      saved = dict(_LEGACY_SETTINGS, **saved)
     for field, value in current.items():
       if field in RESUMABLE_CHANGES:
         continue
@@ -90,9 +93,8 @@ def saved_train_config(meta: dict, cfg: training.TrainConfig) -> training.TrainC
   """The TrainConfig a checkpoint was made with (``cfg`` for what its meta does not say)."""
   if not meta.get("train_config"):
     return cfg
-  legacy = dict(training.RECIPES[training.LEGACY_RECIPE], recipe=training.LEGACY_RECIPE)
   fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
-  saved = {**dataclasses.asdict(cfg), **legacy, **meta["train_config"]}
+  saved = {**dataclasses.asdict(cfg), **_LEGACY_SETTINGS, **meta["train_config"]}
   try:
     return training.TrainConfig(**{k: v for k, v in saved.items() if k in fields})
   except (TypeError, ValueError):
