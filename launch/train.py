@@ -64,6 +64,13 @@ flags.DEFINE_bool("zero_init_output", None, "Start the last convolution at zero 
                   "denoiser starts as the identity; default: the recipe's, off in both).")
 flags.DEFINE_float("bn_momentum", None, "Batch-norm running-std momentum (default: the "
                    "recipe's, 0.1).")
+flags.DEFINE_enum("loss_weighting", None, ["none", "snr"], "Per-image loss weight (default: "
+                  "the recipe's): 'none' = summed squared error (the paper's); 'snr' = each "
+                  "image's error / (std^2 + floor^2), so small noise counts as much as large.")
+flags.DEFINE_float("loss_weight_floor", None, "Floor of the 'snr' weighting's noise std, /255 "
+                   "(image units for every net; default 4).")
+flags.DEFINE_float("loss_weight_power", None, "Raise the loss weights to this power, in [0, 1] "
+                   "(0: unweighted; default: the recipe's).")
 flags.DEFINE_integer("batch_size", 512, "Global batch size.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("num_steps", 10000, "Steps of the finest net.", lower_bound=1)
@@ -122,7 +129,8 @@ def _number_or(text: str, word: str, flag: str) -> float | None:
 def _recipe_overrides() -> dict:
   """The recipe settings given on the command line (the others stay the recipe's)."""
   out = {k: getattr(FLAGS, k) for k in ("schedule", "warmup_steps", "ema_decay", "bn_momentum",
-                                        "zero_init_output") if getattr(FLAGS, k) is not None}
+                                        "zero_init_output", "loss_weighting",
+                                        "loss_weight_floor", "loss_weight_power") if getattr(FLAGS, k) is not None}
   if FLAGS.clip_factor is not None:
     out["clip_factor"] = _number_or(FLAGS.clip_factor, "none", "clip_factor")
   if FLAGS.gain_init is not None:
@@ -174,6 +182,11 @@ def main(argv):
     raise app.UsageError(f"--lr_halve_every applies to --schedule=halving, but this run's schedule "
                          f"is {cfg.schedule!r} (--recipe={FLAGS.recipe}); drop it or add "
                          "--schedule=halving")
+  for name in ("loss_weight_floor", "loss_weight_power"):
+    if getattr(FLAGS, name) is not None and cfg.loss_weighting == "none":
+      raise app.UsageError(f"--{name} applies to a weighted loss, but this run's loss_weighting "
+                           f"is 'none' (--recipe={FLAGS.recipe}); drop it or add "
+                           "--loss_weighting=balanced (or snr)")
   if FLAGS.dry_run:
     for name, net in spec.nets.items():
       common.log(f"{name}: RF {net.rf}, {net.num_layers} layers, {net.features} features, "

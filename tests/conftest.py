@@ -5,6 +5,12 @@ import tempfile
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
+# The tests' programs are tiny and compiled once or twice each, so XLA's LLVM optimisation
+# costs more than it saves: at level 0 a cold compile of a tiny 3-net training run takes half
+# the time (53 s -> 26 s). Results stay deterministic; the native kernels are unaffected.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the test processes and the CLIs they start: most
 # tests compile the same small programs again (train.py runs, resumes, kills); results are the
@@ -69,6 +75,14 @@ def all_cpus() -> list[int]:
   """The cores this test run may use (an xdist worker itself is pinned to its share)."""
   text = os.environ.get("WCDM_TEST_ALL_CPUS")
   return [int(c) for c in text.split(",")] if text else sorted(os.sched_getaffinity(0))
+
+
+def cli_env(devices: int = 1, **extra: str) -> dict:
+  """Environment of a CLI or script run by a test: CPU, ``devices`` simulated devices, the
+  tests' fast compilation, plus ``extra``."""
+  flags = FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices > 1
+                          else "")
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
 
 
 def shared_path(*parts: str) -> str:

@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cli_env
 
 
 def _run(script, *args):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = cli_env()
   res = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args],
                        capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
   assert res.returncode == 0, res.stderr[-3000:]
@@ -39,7 +39,7 @@ def test_likelihood_benchmark_runs():
 
 
 def test_accelerator_check_tiny():
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+  env = cli_env(PYTHON=sys.executable)
   res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "accelerator_check.sh"),
                         "--tiny", "--folder=/nonexistent"], capture_output=True, text=True,
                        timeout=300, env=env, cwd=REPO)

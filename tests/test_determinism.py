@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, all_cpus, native_variants
+from conftest import REPO, all_cpus, cli_env, native_variants
 from wcdm_jax import conv, data, models, trainer, training
 
 TRAIN = os.path.join(REPO, "launch", "train.py")
@@ -72,7 +72,7 @@ def test_native_gradients_do_not_depend_on_the_thread_count(tmp_path):
   if not VARIANTS:
     pytest.skip("no C++ compiler: no native kernels")
   cpus = all_cpus()
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = cli_env()
   outs = []
   for n in sorted({1, len(cpus)}):
     out = tmp_path / f"t{n}.npz"
@@ -117,7 +117,7 @@ def _final(workdir):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return cli_env()
 
 
 def _train(workdir, timeout=300):

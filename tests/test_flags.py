@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cli_env
 from wcdm_jax import conv
 
 TRAIN = os.path.join(REPO, "launch", "train.py")
@@ -15,7 +15,7 @@ TINY = ["--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5", "--num_lay
 
 
 def _train(*args, timeout=300):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = cli_env()
   return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True,
                         timeout=timeout, env=env, cwd=REPO)
 

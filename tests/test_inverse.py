@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, shared_path
+from conftest import REPO, cli_env, shared_path
 import wcdm_jax
 from wcdm_jax import evaluation, inverse, models, pretrained, sampling
 from wcdm_jax.inverse import solver
@@ -322,7 +322,7 @@ def test_parity_with_original(task, flat43):
 # --- the CLI ------------------------------------------------------------------------------------
 
 def _cli(*args):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = cli_env()
   return subprocess.run([sys.executable, os.path.join(REPO, "launch", "solve.py"), *args],
                         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
 

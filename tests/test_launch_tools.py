@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, shared_path
+from conftest import REPO, cli_env, shared_path
 import wcdm_jax
 from wcdm_jax import data, models, trainer, training
 
@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory):
 
 
 def _run(script, *args, timeout=300):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = cli_env()
   res = subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args],
                        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
   assert res.returncode == 0, res.stderr[-3000:]

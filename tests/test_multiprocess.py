@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, write_random_images
+from conftest import REPO, cli_env, write_random_images
 import wcdm_jax
 
 TINY = ["--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5", "--num_layers=3",
@@ -21,8 +21,7 @@ TINY = ["--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5", "--num_lay
 
 
 def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu")
+  return cli_env(devices)
 
 
 def _train(workdir, devices, *extra):

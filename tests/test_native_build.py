@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cli_env
 from wcdm_jax import conv, native_build
 
 HAVE_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None
@@ -20,7 +20,7 @@ needs_cxx = pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler")
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
   """Python code in a fresh process (fresh caches), with env added; the repo on sys.path."""
-  full = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO, **env)
+  full = cli_env(PYTHONPATH=REPO, **env)
   return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, cwd=REPO,
                         capture_output=True, text=True, timeout=600, check=False)
 

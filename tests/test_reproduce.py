@@ -7,7 +7,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, cli_env
 
 
 def test_reproduce_toy(tmp_path):
@@ -18,7 +18,7 @@ def test_reproduce_toy(tmp_path):
     img = np.kron(rng.random((4, 4, 3)), np.ones((5, 5, 1)))
     Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(images / f"{i:03d}.png")
   wd = tmp_path / "repro"
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = cli_env()
   res = subprocess.run(
       [sys.executable, os.path.join(REPO, "launch", "reproduce.py"), f"--workdir={wd}",
        f"--data=folder:{images}", "--crop=center", "--image_size=16", "--levels=1",

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import torchfile
-from conftest import REPO
+from conftest import REPO, cli_env
 import wcdm_jax
 from wcdm_jax import checkpoints, data, models, pretrained, sampling
 
@@ -267,7 +267,7 @@ TINY = ["--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5", "--num_lay
 
 
 def _cli(script, *args, timeout=180):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = cli_env()
   return subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args],
                         capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
@@ -325,6 +325,9 @@ CLI_CASES = [
     ("train-noise-range", "train.py", (),
      lambda t, f: [f"--workdir={t}/w", *TINY, "--noise_min=60"],
      "--noise_max must be >= --noise_min", None),
+    ("train-weight-unweighted", "train.py", (),
+     lambda t, f: [f"--workdir={t}/w", *TINY, "--recipe=paper", "--loss_weight_power=1"],
+     "--loss_weight_power applies to a weighted loss", lambda t, f: _no_write(f"{t}/w")),
     ("train-unknown-net", "train.py", (), lambda t, f: [f"--workdir={t}/w", *TINY, "--nets=cond7"],
      "unknown nets ['cond7']", lambda t, f: _no_write(f"{t}/w")),
     ("train-positional", "train.py", (), lambda t, f: [f"--workdir={t}/w", "extra"],

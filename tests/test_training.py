@@ -41,21 +41,27 @@ def test_four_devices_equal_one(name):
   assert not np.allclose(rs, 1.0)
 
 
-def test_loss_decreases():
+@pytest.mark.parametrize("weighting, factor", [("none", 0.5), ("snr", 0.6), ("balanced", 0.6)])
+def test_loss_decreases(weighting, factor):
+  """60 steps remove half the noise: the summed squared error halves, and so does the
+  fraction of noise left (the 'snr' loss, which starts near 1) of a net trained with the
+  weighted losses."""
   spec = models.ModelSpec(low=models.flat_spec(5, num_layers=4, features=16), image_size=(16, 16))
   cfg = training.TrainConfig(batch_size=16, learning_rate=3e-3, quadratic_noise=False,
-                             noise_min=20, noise_max=60, num_steps=60)
+                             noise_min=20, noise_max=60, num_steps=60, loss_weighting=weighting)
   mesh, state, step = _state_and_step(spec, "flat", cfg, jax.devices()[:1])
   src = data.make_source(data.DataConfig(image_size=16), 16, seed=0)
   fixed = training.global_batch(src.batch(10_000), mesh)
+  ex = training.net_example(spec, "flat", fixed, jax.random.key(7), cfg)
   eval_loss = jax.jit(lambda st: training.loss_fn(
-      st.params, st.batch_stats, spec.low, *training.net_example(
-          spec, "flat", fixed, jax.random.key(7), cfg))[0])
+      st.params, st.batch_stats, spec.low, ex.noisy, ex.noise,
+      weights=training.loss_weights(ex, dataclasses.replace(cfg, loss_weighting="snr")
+                                    if weighting != "none" else cfg))[0])
   before = float(eval_loss(state))
   for s in range(60):
     state, _ = step(state, training.global_batch(src.batch(s), mesh), training.step_key(0, s, 0))
   after = float(eval_loss(state))
-  assert after < 0.5 * before, (before, after)
+  assert after < factor * before, (before, after)
 
 
 CFG = training.TrainConfig(batch_size=8, num_steps=6, lr_halve_every=3, level_multiplier=1)
@@ -105,7 +111,7 @@ def test_schedule_and_noise():
   # quadratic: the median std is about 0.25 (k/255 ~ U(0, 1), squared).
   assert float(jnp.median(stds)) == pytest.approx(0.25, abs=0.03)
   x = jnp.ones((4, 16, 16, 1)) * 0.5
-  noisy, noise = training.net_example(TINY, "cond0", x, jax.random.key(1), cfg, noise_scale=0.1)
+  noisy, noise, *_ = training.net_example(TINY, "cond0", x, jax.random.key(1), cfg, noise_scale=0.1)
   assert noisy.shape == (4, 8, 8, 4)
   np.testing.assert_allclose(noisy[..., 0], 0.5, atol=1e-6)  # clean conditioning low-pass
   np.testing.assert_allclose(noisy[..., 1:], noise, atol=1e-6)  # details of a flat image are 0
@@ -178,14 +184,14 @@ def test_each_net_sees_its_part_of_the_pyramid():
   x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 1))
   pyr = wcdm_jax.decompose(x, 2)
   cfg = training.TrainConfig(intensity_augmentation=False)
-  noisy, noise = training.net_example(TINY, "low", x, jax.random.key(1), cfg)
+  noisy, noise, *_ = training.net_example(TINY, "low", x, jax.random.key(1), cfg)
   np.testing.assert_allclose(noisy - noise, pyr.low, atol=1e-6)
   for j in range(2):
-    noisy, noise = training.net_example(TINY, f"cond{j}", x, jax.random.key(1), cfg)
+    noisy, noise, *_ = training.net_example(TINY, f"cond{j}", x, jax.random.key(1), cfg)
     low_j = pyr.low if j == 1 else wcdm_jax.reconstruct(pyr, 1)
     np.testing.assert_allclose(noisy[..., :1], low_j, atol=1e-6)
     np.testing.assert_allclose(noisy[..., 1:] - noise, pyr.details[j], atol=1e-6)
-  aug, noise = training.net_example(TINY, "low", x, jax.random.key(1),
+  aug, noise, *_ = training.net_example(TINY, "low", x, jax.random.key(1),
                                     training.TrainConfig(intensity_augmentation=True))
   ratio = (aug - noise)[..., 0] / pyr.low[..., 0]
   assert float(jnp.std(ratio, (1, 2)).max()) < 1e-4  # one factor per image
@@ -246,7 +252,8 @@ def test_recipes_differ_only_in_their_settings():
   paper, default = training.TrainConfig.from_recipe("paper"), training.TrainConfig()
   assert training.TrainConfig.from_recipe("default") == default
   assert (paper.schedule, paper.warmup_steps, paper.ema_decay, paper.clip_factor,
-          paper.gain_init, paper.bn_momentum) == ("halving", 0, 0.0, None, None, 0.1)
+          paper.gain_init, paper.bn_momentum, paper.loss_weighting) == (
+              "halving", 0, 0.0, None, None, 0.1, "none")
   assert training.TrainConfig.from_recipe("paper", ema_decay=0.9).ema_decay == 0.9
 
 
@@ -287,6 +294,10 @@ def test_ema_follows_the_weights_and_is_the_saved_model(tmp_path):
   mngr.close()
   saved = items["state"]
   jax.tree.map(np.testing.assert_array_equal, params.low, jax.device_get(saved["ema"]))
+  # The loss weighting's running errors are saved with the state: 4 steps filled some bands.
+  stats = np.asarray(saved["loss_stats"])
+  assert stats.shape == (training.LOSS_BINS,) and np.all(np.isfinite(stats))
+  assert np.any(stats > 0) and np.all((stats > 0) | (stats == -1))
   with pytest.raises(AssertionError):
     np.testing.assert_array_equal(params.low["params"]["conv_0"]["kernel"],
                                   saved["params"]["conv_0"]["kernel"])
@@ -313,6 +324,23 @@ def test_checkpoints_from_before_the_recipes_count_as_the_paper_recipe():
   assert "ema_decay: checkpoint 0.0, this run 0.999" in changes
 
 
+def test_a_resumed_state_takes_this_runs_loss_weighting():
+  net = TINY.nets["low"]
+  bal, none = training.TrainConfig(), training.TrainConfig(loss_weighting="none")
+  for have, want in ((bal, none), (none, bal), (bal, bal)):
+    tx = training.make_optimizer(TINY, "low", want)
+    state = training.init_state(jax.random.key(0), net, tx, have)
+    if have.loss_weighting == "balanced":
+      state = state.replace(loss_stats=state.loss_stats.at[3].set(0.25))
+    out = trainer._adapt_state(state, want, tx, lambda m: None)
+    if want.loss_weighting != "balanced":
+      assert out.loss_stats is None
+    elif have.loss_weighting == "balanced":
+      assert float(out.loss_stats[3]) == 0.25  # kept
+    else:
+      assert bool(jnp.all(out.loss_stats == -1))  # starts afresh
+
+
 def test_zero_init_output_starts_as_the_identity():
   net = TINY.nets["cond0"]
   x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 4))
@@ -325,3 +353,65 @@ def test_zero_init_output_starts_as_the_identity():
     assert bool(jnp.all(residual == 0)) == identity
     assert bool(jnp.all(state.params["conv_3"]["kernel"] == 0)) == identity
     assert not bool(jnp.all(state.params["conv_0"]["kernel"] == 0))
+
+
+def test_loss_weightings():
+  """'none' is the paper's loss exactly; 'snr' weights image i by 1 / (std_i^2 + floor^2) per
+  pixel; 'balanced' by 1 / (its band's running error + floor^2), 'snr' where none yet."""
+  net = TINY.nets["low"]
+  v = models.init_net(jax.random.key(0), net)
+  cfg = training.TrainConfig(loss_weighting="snr", loss_weight_floor=2.0, loss_weight_power=1.0)
+  x = jax.random.uniform(jax.random.key(1), (6, 4, 4, 1))
+  ex = training.net_example(TINY, "low", x, jax.random.key(2), cfg)
+  assert ex.std.shape == ex.level.shape == (6,) and float(ex.std.min()) >= 0
+  w = training.loss_weights(ex, cfg)
+  floor2, px = (2 / 255) ** 2, int(np.prod(ex.noise.shape[1:]))
+  np.testing.assert_allclose(w, 1 / (px * (np.square(ex.std) + floor2)), rtol=1e-6)
+  assert training.loss_weights(ex, training.TrainConfig.from_recipe("paper")) is None
+  pred = models.BFCNN(net).apply(v, ex.noisy, train=True, mutable=["batch_stats"])[0]
+  per_image = np.sum(np.square(np.asarray(pred - ex.noise)), axis=(1, 2, 3))
+  plain, (_, errors) = training.loss_fn(v["params"], v["batch_stats"], net, ex.noisy, ex.noise,
+                                        return_errors=True)
+  weighted = training.loss_fn(v["params"], v["batch_stats"], net, ex.noisy, ex.noise,
+                              weights=w)[0]
+  np.testing.assert_allclose(plain, per_image.sum() / 6, rtol=1e-5)
+  np.testing.assert_allclose(errors, per_image / px, rtol=1e-5)
+  np.testing.assert_allclose(weighted, (per_image * np.asarray(w)).sum() / 6, rtol=1e-5)
+  # Bounded at clean images: 1 / floor^2.
+  clean = ex._replace(std=jnp.zeros(6))
+  np.testing.assert_allclose(training.loss_weights(clean, cfg), 1 / (px * floor2), rtol=1e-6)
+  # Balanced: the band's running error where there is one.
+  bal = dataclasses.replace(cfg, loss_weighting="balanced")
+  stats = training.init_loss_stats(bal).at[ex.level[0]].set(0.5)
+  wb = np.asarray(training.loss_weights(ex, bal, stats))
+  known = np.asarray(ex.level) == int(ex.level[0])
+  np.testing.assert_allclose(wb[known], 1 / (px * (0.5 + floor2)), rtol=1e-6)
+  np.testing.assert_allclose(wb[~known], np.asarray(w)[~known], rtol=1e-6)
+  # The power tempers them: 0.5 is the square root, 0 the unweighted loss.
+  half = training.loss_weights(ex, dataclasses.replace(bal, loss_weight_power=0.5), stats)
+  np.testing.assert_allclose(half, np.sqrt(wb), rtol=1e-5)
+  np.testing.assert_allclose(training.loss_weights(ex, dataclasses.replace(
+      bal, loss_weight_power=0.0), stats), np.ones(6), rtol=1e-6)
+
+
+def test_noise_bands_and_running_errors():
+  cfg = training.TrainConfig(noise_min=0, noise_max=255)
+  _, level = training.noise_draws(jax.random.key(0), 5000, cfg)
+  counts = np.bincount(np.asarray(level), minlength=training.LOSS_BINS)
+  assert len(counts) == training.LOSS_BINS and counts.min() > 200  # every band, evenly
+  stats = training.init_loss_stats(cfg)
+  assert stats.shape == (training.LOSS_BINS,) and bool(jnp.all(stats < 0))
+  stats = training.update_loss_stats(stats, jnp.array([2, 2, 5]), jnp.array([1.0, 3.0, 4.0]))
+  assert float(stats[2]) == 2.0 and float(stats[5]) == 4.0 and float(stats[0]) == -1.0
+  stats = training.update_loss_stats(stats, jnp.array([2]), jnp.array([12.0]))
+  d = training.LOSS_STATS_DECAY
+  np.testing.assert_allclose(float(stats[2]), d * 2.0 + (1 - d) * 12.0, rtol=1e-6)
+  assert training.init_loss_stats(training.TrainConfig.from_recipe("paper")) is None
+
+
+@pytest.mark.parametrize("bad, match", [(dict(loss_weighting="l1"), "loss_weighting"),
+                                        (dict(loss_weight_floor=0.0), "loss_weight_floor"),
+                                        (dict(loss_weight_power=2.0), "loss_weight_power")])
+def test_bad_loss_weighting_is_a_one_line_error(bad, match):
+  with pytest.raises(ValueError, match=match):
+    training.TrainConfig(**bad)

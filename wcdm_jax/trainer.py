@@ -104,8 +104,9 @@ def saved_train_config(meta: dict, cfg: training.TrainConfig) -> training.TrainC
 def _adapt_state(state: training.TrainState, cfg: training.TrainConfig,
                  tx, log) -> training.TrainState:
   """A resumed state in the layout of this run's recipe (only differs with
-  --allow_config_change): an EMA starts at the resumed weights or is dropped, and an
-  optimiser of another structure starts afresh."""
+  --allow_config_change): an EMA starts at the resumed weights or is dropped, the loss
+  weighting's running errors start afresh or are dropped, and an optimiser of another
+  structure starts afresh."""
   ema = state.ema
   if cfg.ema_decay and ema is None:
     log("the weights' moving average starts at the resumed weights")
@@ -117,7 +118,10 @@ def _adapt_state(state: training.TrainState, cfg: training.TrainConfig,
   if jax.tree.structure(fresh) != jax.tree.structure(opt_state):
     log("the optimiser changed structure: its state starts afresh")
     opt_state = fresh
-  return state.replace(ema=ema, opt_state=opt_state)
+  loss_stats = state.loss_stats
+  if (loss_stats is None) != (cfg.loss_weighting != "balanced"):
+    loss_stats = training.init_loss_stats(cfg)
+  return state.replace(ema=ema, opt_state=opt_state, loss_stats=loss_stats)
 
 
 def _write_record(workdir: str, name: str, text: str) -> None:

@@ -1,9 +1,10 @@
 """Training the per-scale denoisers (method.md §4), data-parallel over every device.
 
 Two recipes (``RECIPES``): 'paper' is method.md §4 exactly; 'default' adds a linear warm-up,
-a cosine decay and an exponential moving average of the weights, which converge at the budgets
-of a CPU or of one accelerator-hour where the paper's recipe, tuned for 500 epochs at batch
-512, does not (docs/training.md, benchmarks/bench_training.py).
+a cosine decay, an exponential moving average of the weights and a loss balanced over noise
+levels, which do better at the budgets of a CPU or of one accelerator-hour, where the paper's
+recipe, tuned for 500 epochs at batch 512, leaves the nets far from the identity at small
+noise (docs/training.md, benchmarks/bench_training.py).
 
 One jitted step per net. Batches are global ``jax.Array``s sharded along the batch axis of
 a 1-D device mesh (``"data"``) spanning all devices of all hosts; params are replicated.
@@ -15,7 +16,12 @@ Each net sees its part of the wavelet pyramid of the clean batch:
 - cond j: input [clean low-pass at level j, noisy details of level j]; noise only on the
   details, its range scaled by the largest detail magnitude of the training data.
 Noise: per image std = (k / 255), k ~ U{lo..hi}, squared when ``quadratic``; the loss is the
-summed squared error between the net's output and the noise, divided by the batch size.
+summed squared error between the net's output and the noise, divided by the batch size
+(``loss_weighting='none'``, the paper's); or each image's error divided by an estimate of the
+net's current error at its noise level (``'balanced'``, the default: a running mean per band of
+noise levels, kept in the train state), so that every noise level counts by its *relative*
+error, which is what a PSNR averaged over noise levels measures; or divided by the noise
+variance (``'snr'``). See ``loss_weights``.
 """
 from __future__ import annotations
 
@@ -38,13 +44,18 @@ from wcdm_jax import models, wavelets
 # sets these TrainConfig fields; ``TrainConfig.from_recipe`` takes it and any overrides.
 RECIPES = {
     "paper": dict(schedule="halving", warmup_steps=0, clip_factor=None, ema_decay=0.0,
-                  gain_init=None, bn_momentum=0.1, zero_init_output=False),
+                  gain_init=None, bn_momentum=0.1, zero_init_output=False,
+                  loss_weighting="none"),
     "default": dict(schedule="cosine", warmup_steps=-1, clip_factor=None, ema_decay=0.999,
-                    gain_init=None, bn_momentum=0.1, zero_init_output=False),
+                    gain_init=None, bn_momentum=0.1, zero_init_output=False,
+                    loss_weighting="balanced"),
 }
 # What checkpoints written before the recipe fields existed were trained with.
 LEGACY_RECIPE = "paper"
 SCHEDULES = ("halving", "cosine")
+LOSS_WEIGHTINGS = ("none", "snr", "balanced")
+LOSS_BINS = 16            # 'balanced': bands of noise levels k with one running error each
+LOSS_STATS_DECAY = 0.99   # their moving average's decay per step
 COSINE_END = 0.01       # the cosine schedule ends at this fraction of the learning rate
 AUTO_WARMUP_MAX = 200   # warmup_steps=-1: min(AUTO_WARMUP_MAX, num_steps // 10) steps
 
@@ -81,6 +92,11 @@ class TrainConfig:
   gain_init: float | None = None   # batch-norm gains at init: None = the paper's, else constant
   zero_init_output: bool = False   # last conv starts at 0: the denoiser starts as the identity
   bn_momentum: float = 0.1         # running-std momentum of the batch norm
+  loss_weighting: str = "balanced"  # 'none': summed squared error (the paper's); 'snr': each
+  # image's error / (std^2 + floor^2); 'balanced': / (the net's running mean squared error at
+  # that noise level + floor^2); std the image's noise std, floor = loss_weight_floor / 255
+  loss_weight_floor: float = 4.0   # in /255 units (image units for every net)
+  loss_weight_power: float = 0.5   # the weights above to this power (0: unweighted)
 
   def __post_init__(self):
     if self.dtype not in ("float32", "bfloat16"):
@@ -100,6 +116,13 @@ class TrainConfig:
       raise ValueError(f"ema_decay must be in (0, 1), or 0 for no EMA, got {self.ema_decay}")
     if not 0 < self.bn_momentum <= 1:
       raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
+    if self.loss_weighting not in LOSS_WEIGHTINGS:
+      raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, "
+                       f"got {self.loss_weighting!r}")
+    if not (np.isfinite(self.loss_weight_power) and 0 <= self.loss_weight_power <= 1):
+      raise ValueError(f"loss_weight_power must be in [0, 1], got {self.loss_weight_power}")
+    if not (np.isfinite(self.loss_weight_floor) and self.loss_weight_floor > 0):
+      raise ValueError(f"loss_weight_floor must be > 0 (/255 units), got {self.loss_weight_floor}")
     if self.gain_init is not None and not np.isfinite(self.gain_init):
       raise ValueError(f"gain_init must be a finite number or None, got {self.gain_init}")
 
@@ -188,6 +211,7 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   ema: Any = None  # {'params', 'batch_stats'}: the weights' moving average (ema_decay > 0)
+  loss_stats: Any = None  # (LOSS_BINS,) running errors of the 'balanced' loss weighting
 
   def variables(self) -> models.Variables:
     """The weights being optimised."""
@@ -199,8 +223,9 @@ class TrainState:
 
   def as_dict(self) -> dict[str, Any]:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    if d["ema"] is None:  # runs without EMA keep the checkpoint layout they always had
-      del d["ema"]
+    for optional in ("ema", "loss_stats"):  # runs without keep the layout they always had
+      if d[optional] is None:
+        del d[optional]
     return d
 
 
@@ -215,7 +240,8 @@ def init_state(key: jax.Array, net: models.NetSpec, tx: optax.GradientTransforma
     v["params"] = {**v["params"], last: {"kernel": jnp.zeros_like(v["params"][last]["kernel"])}}
   return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
                     batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
-                    ema=jax.tree.map(jnp.copy, v) if cfg.ema_decay else None)
+                    ema=jax.tree.map(jnp.copy, v) if cfg.ema_decay else None,
+                    loss_stats=init_loss_stats(cfg))
 
 
 def ema_update(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
@@ -224,20 +250,36 @@ def ema_update(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
   return jax.tree.map(lambda e, v: d * e + (1 - d) * v, ema, variables)
 
 
-def noise_stds(key: jax.Array, n: int, cfg: TrainConfig) -> jax.Array:
-  """(n,) per-image noise std, in units of the clean signal's range."""
+def noise_draws(key: jax.Array, n: int, cfg: TrainConfig) -> tuple[jax.Array, jax.Array]:
+  """(n,) per-image noise std, in units of the clean signal's range, and (n,) its band of
+  noise levels: k ~ U{noise_min..noise_max} cut into LOSS_BINS equal ranges."""
   k = jax.random.randint(key, (n,), cfg.noise_min, cfg.noise_max + 1)
   std = k.astype(jnp.float32) / 255.0
-  return jnp.square(std) if cfg.quadratic_noise else std
+  band = (k - cfg.noise_min) * LOSS_BINS // (cfg.noise_max - cfg.noise_min + 1)
+  return (jnp.square(std) if cfg.quadratic_noise else std), band.astype(jnp.int32)
+
+
+def noise_stds(key: jax.Array, n: int, cfg: TrainConfig) -> jax.Array:
+  """(n,) per-image noise std, in units of the clean signal's range."""
+  return noise_draws(key, n, cfg)[0]
+
+
+class Example(NamedTuple):
+  noisy: jax.Array  # (B, H, W, C_in) the net's input
+  noise: jax.Array  # (B, H, W, C_out) its target
+  std: jax.Array    # (B,) the noise std of each image
+  level: jax.Array  # (B,) int32: the band of noise levels it was drawn from (0..LOSS_BINS-1)
 
 
 def net_example(spec: models.ModelSpec, name: str, images: jax.Array, key: jax.Array,
-                cfg: TrainConfig, noise_scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """(noisy input, target noise) of the named net for a clean batch (B, H, W, C)."""
+                cfg: TrainConfig, noise_scale: float = 1.0) -> Example:
+  """The named net's example (noisy input, target noise, noise std, noise band) for a clean
+  batch (B, H, W, C)."""
   net = spec.nets[name]
   k_std, k_noise, k_int = jax.random.split(key, 3)
   b = images.shape[0]
-  std = noise_stds(k_std, b, cfg) * noise_scale
+  std, level = noise_draws(k_std, b, cfg)
+  std = std * noise_scale
   if net.kind == "flat":
     clean, cond = images, None
   else:
@@ -250,7 +292,49 @@ def net_example(spec: models.ModelSpec, name: str, images: jax.Array, key: jax.A
       clean, cond = details[net.level], lows[net.level]
   noise = jax.random.normal(k_noise, clean.shape, clean.dtype) * std[:, None, None, None]
   noisy = clean + noise
-  return (noisy if cond is None else jnp.concatenate([cond, noisy], -1)), noise
+  return Example(noisy if cond is None else jnp.concatenate([cond, noisy], -1), noise, std,
+                 level)
+
+
+def loss_weights(ex: Example, cfg: TrainConfig, loss_stats: jax.Array | None = None
+                 ) -> jax.Array | None:
+  """(B,) per-image loss weights of ``ex`` (None: unweighted).
+
+  The unweighted loss (the paper's) is dominated by the noisiest images, whose error is
+  largest; at a finite budget the nets then stay far from the identity at small noise (25 dB
+  on clean images, docs/training.md). 'snr': 1 / (std^2 + floor^2), every level by its error
+  relative to its noise; at high noise that under-weights what a denoiser can still gain.
+  'balanced': 1 / (m + floor^2), m the net's running mean squared error per pixel at the
+  image's band of noise levels (``loss_stats``, (LOSS_BINS,), < 0 where none yet, which
+  falls back to 'snr'): every level counts by its error relative to the net's own, so the
+  gradient is that of the mean over levels of log MSE (the mean PSNR over noise levels). The
+  floor (in image units for every net: the pyramid is orthonormal) bounds the weights, and
+  with them the gradient noise of nearly clean images. Weights are per pixel of the target,
+  then raised to ``loss_weight_power`` (between the unweighted loss, 0, and the weighting, 1).
+  """
+  if cfg.loss_weighting == "none":
+    return None
+  floor2 = jnp.square(cfg.loss_weight_floor / 255.0)
+  pixels = float(np.prod(ex.noise.shape[1:]))
+  err = pixels * (jnp.square(ex.std) + floor2)  # (B,) the expected error of the identity
+  if cfg.loss_weighting == "balanced":
+    est = loss_stats[ex.level]
+    err = jnp.where(est >= 0, pixels * (est + floor2), err)
+  return err ** -cfg.loss_weight_power
+
+
+def init_loss_stats(cfg: TrainConfig) -> jax.Array | None:
+  """The 'balanced' weighting's running errors before any step (none yet: -1)."""
+  return -jnp.ones((LOSS_BINS,), jnp.float32) if cfg.loss_weighting == "balanced" else None
+
+
+def update_loss_stats(stats: jax.Array, level: jax.Array, errors: jax.Array) -> jax.Array:
+  """Fold one batch's per-pixel squared errors (B,) into the running mean of their bands."""
+  sums = jax.ops.segment_sum(errors, level, LOSS_BINS)
+  counts = jax.ops.segment_sum(jnp.ones_like(errors), level, LOSS_BINS)
+  mean = sums / jnp.maximum(counts, 1.0)
+  moved = jnp.where(stats >= 0, LOSS_STATS_DECAY * stats + (1 - LOSS_STATS_DECAY) * mean, mean)
+  return jnp.where(counts > 0, moved, stats)
 
 
 def detail_noise_scales(spec: models.ModelSpec, batches: list[np.ndarray]) -> dict[str, float]:
@@ -265,14 +349,23 @@ def detail_noise_scales(spec: models.ModelSpec, batches: list[np.ndarray]) -> di
   return scales
 
 
-def loss_fn(params, batch_stats, net: models.NetSpec, noisy, noise, *, conv_impl="auto",
-            remat=False, dtype="float32", bn_momentum=models.BN_MOMENTUM):
+def loss_fn(params, batch_stats, net: models.NetSpec, noisy, noise, *, weights=None,
+            return_errors=False, conv_impl="auto", remat=False, dtype="float32",
+            bn_momentum=models.BN_MOMENTUM):
+  """Summed squared error between the net's output and ``noise`` (per image times
+  ``weights`` (B,) when given), divided by the batch size; and the new batch statistics
+  (with ``return_errors``: (them, (B,) each image's mean squared error per pixel))."""
   model = models.BFCNN(net, conv_impl=conv_impl, remat=remat, dtype=jnp.dtype(dtype),
                        bn_momentum=bn_momentum)
   pred, updates = model.apply({"params": params, "batch_stats": batch_stats}, noisy, train=True,
                               mutable=["batch_stats"])
-  loss = jnp.sum(jnp.square(pred - noise)) / noisy.shape[0]
-  return loss, updates["batch_stats"]
+  sq = jnp.square(pred - noise)
+  aux = updates["batch_stats"]
+  if return_errors:
+    aux = (aux, jax.lax.stop_gradient(jnp.mean(sq, axis=(1, 2, 3))))
+  if weights is not None:
+    sq = jnp.sum(sq, axis=(1, 2, 3)) * weights  # (B,)
+  return jnp.sum(sq) / noisy.shape[0], aux
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -290,20 +383,24 @@ def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransfo
   net = spec.nets[name]
 
   def step(state: TrainState, images: jax.Array, key: jax.Array):
-    noisy, noise = net_example(spec, name, images, key, cfg, noise_scale)
-    noisy = jax.lax.with_sharding_constraint(noisy, NamedSharding(mesh, P("data")))
+    ex = net_example(spec, name, images, key, cfg, noise_scale)
+    noisy = jax.lax.with_sharding_constraint(ex.noisy, NamedSharding(mesh, P("data")))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, net, noisy, noise,
-                                         conv_impl=cfg.conv_impl, remat=cfg.remat,
-                                         dtype=cfg.dtype, bn_momentum=cfg.bn_momentum)
+    (loss, (batch_stats, errors)), grads = grad_fn(
+        state.params, state.batch_stats, net, noisy, ex.noise,
+        weights=loss_weights(ex, cfg, state.loss_stats), return_errors=True,
+        conv_impl=cfg.conv_impl, remat=cfg.remat, dtype=cfg.dtype, bn_momentum=cfg.bn_momentum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
     if ema is not None:
       ema = ema_update(ema, {"params": params, "batch_stats": batch_stats}, state.step,
                        cfg.ema_decay)
+    loss_stats = state.loss_stats
+    if loss_stats is not None:
+      loss_stats = update_loss_stats(loss_stats, ex.level, errors)
     new = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                     opt_state=opt_state, ema=ema)
+                     opt_state=opt_state, ema=ema, loss_stats=loss_stats)
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   replicated = NamedSharding(mesh, P())
