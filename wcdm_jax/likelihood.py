@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from wcdm_jax import models, sampling, validation, wavelets
+from wcdm_jax import models, validation, wavelets
 
 LN2 = math.log(2.0)
 # denoiser(y (B, h, w, c), sigma (B,)) -> estimate of E[x | y] (B, h, w, c); blind ones ignore sigma
@@ -288,7 +288,7 @@ def log_prob(key: jax.Array, params: models.ModelParams, images: jax.Array, *,
     raise TypeError(f"config must be a wcdm_jax.likelihood.LikelihoodConfig, got "
                     f"{type(cfg).__name__}")
   images = _check_images(params, images)
-  keys = sampling._keys(key, images.shape[0], "len(images)")  # pylint: disable=protected-access
+  keys = validation.keys(key, images.shape[0], "len(images)")
   return _log_prob(keys, params, images, cfg, conv_impl)
 
 

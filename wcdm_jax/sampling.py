@@ -125,23 +125,6 @@ def ascent(keys: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], shape
   return y - residual_fn(y), info
 
 
-def _keys(key: jax.Array, num_samples: int | None, count_name: str = "num_samples") -> jax.Array:
-  """A batch of keys: ``key`` itself when it is already (B,), else split into num_samples.
-  ``count_name`` names the count in the error (callers whose count is a batch's size)."""
-  key = validation.key(key)
-  if num_samples is not None:
-    num_samples = validation.positive_int(num_samples, "num_samples")
-  one_key_ndim = 0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1  # legacy: (2,)
-  if key.ndim == one_key_ndim + 1:
-    if num_samples not in (None, key.shape[0]):
-      raise ValueError(f"got {key.shape[0]} keys but {count_name}={num_samples}; pass one key "
-                       f"or exactly {count_name} keys")
-    return key
-  if key.ndim > one_key_ndim:
-    raise ValueError(f"key must be one key or a (B,) batch of keys, got shape {key.shape}")
-  return jax.random.split(key, 1 if num_samples is None else num_samples)
-
-
 def _check_config(cfg, name: str) -> AscentConfig:
   if not isinstance(cfg, AscentConfig):
     raise TypeError(f"{name} must be a wcdm_jax.AscentConfig, got {type(cfg).__name__}")
@@ -215,7 +198,7 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
   """
   models.check_params(params)
   spec = params.spec
-  keys = _keys(key, num_samples)
+  keys = validation.keys(key, num_samples)
   h, w = validation.size(spec.image_size if image_size is None else image_size, "image_size")
   if spec.levels and spec.mode == wavelets.PERIODIZATION:
     wavelets.check_size(h, w, spec.levels)
@@ -253,7 +236,7 @@ def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array
         f"low_res has the model's full image size {s[0]}x{s[1]}; pass its {spec.levels}-level "
         f"low-pass ({s[0] // 2 ** spec.levels}x{s[1] // 2 ** spec.levels}), e.g. "
         f"wcdm_jax.decompose(images, {spec.levels}).low")
-  keys = _keys(key, low_res.shape[0])
+  keys = validation.keys(key, low_res.shape[0])
   outs, infos = _refine(keys, params, jnp.asarray(low_res, jnp.float32),
                         _cond_configs(spec, cond_config), conv_impl)
   return (outs[-1], outs, infos) if return_intermediates else outs[-1]

@@ -56,6 +56,23 @@ def positive_int(v: Any, name: str, minimum: int = 1) -> int:
   return int(v)
 
 
+def keys(k: Any, num_samples: int | None, count_name: str = "num_samples") -> jax.Array:
+  """A batch of keys: ``k`` itself when it is already (B,), else split into num_samples.
+  ``count_name`` names the count in the error (callers whose count is a batch's size)."""
+  k = key(k)
+  if num_samples is not None:
+    num_samples = positive_int(num_samples, "num_samples")
+  one_key_ndim = 0 if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else 1  # legacy: (2,)
+  if k.ndim == one_key_ndim + 1:
+    if num_samples not in (None, k.shape[0]):
+      raise ValueError(f"got {k.shape[0]} keys but {count_name}={num_samples}; pass one key "
+                       f"or exactly {count_name} keys")
+    return k
+  if k.ndim > one_key_ndim:
+    raise ValueError(f"key must be one key or a (B,) batch of keys, got shape {k.shape}")
+  return jax.random.split(k, 1 if num_samples is None else num_samples)
+
+
 def size(v: Any, name: str) -> tuple[int, int]:
   """(H, W) of positive ints; a single int means a square."""
   if isinstance(v, numbers.Integral) and not isinstance(v, bool):

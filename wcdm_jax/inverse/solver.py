@@ -230,7 +230,7 @@ def solve(key: jax.Array, params: models.ModelParams, op: ops.Operator, measurem
   op = check_problem(params, op, shape, cfg)
   op.check_measurements(measurements, shape)
   cfg = resolve(cfg, op)
-  keys = sampling._keys(key, measurements.shape[0])  # pylint: disable=protected-access
+  keys = validation.keys(key, measurements.shape[0])
   measurements = jnp.asarray(measurements)
   if not jnp.iscomplexobj(measurements):
     measurements = measurements.astype(jnp.float32)
