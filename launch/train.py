@@ -64,10 +64,12 @@ flags.DEFINE_bool("zero_init_output", None, "Start the last convolution at zero 
                   "denoiser starts as the identity; default: the recipe's, off in both).")
 flags.DEFINE_float("bn_momentum", None, "Batch-norm running-std momentum (default: the "
                    "recipe's, 0.1).")
-flags.DEFINE_enum("loss_weighting", None, ["none", "snr"], "Per-image loss weight (default: "
-                  "the recipe's): 'none' = summed squared error (the paper's); 'snr' = each "
-                  "image's error / (std^2 + floor^2), so small noise counts as much as large.")
-flags.DEFINE_float("loss_weight_floor", None, "Floor of the 'snr' weighting's noise std, /255 "
+flags.DEFINE_enum("loss_weighting", None, ["none", "snr", "balanced"], "Per-image loss "
+                  "weight (default: the recipe's): 'none' = summed squared error (the paper's); "
+                  "'snr' = each image's error / (std^2 + floor^2); 'balanced' = / (the net's "
+                  "running error at that noise level + floor^2), so small noise counts as much "
+                  "as large (docs/training.md).")
+flags.DEFINE_float("loss_weight_floor", None, "Floor of the weighted losses' noise std, /255 "
                    "(image units for every net; default 4).")
 flags.DEFINE_float("loss_weight_power", None, "Raise the loss weights to this power, in [0, 1] "
                    "(0: unweighted; default: the recipe's).")
@@ -128,9 +130,9 @@ def _number_or(text: str, word: str, flag: str) -> float | None:
 
 def _recipe_overrides() -> dict:
   """The recipe settings given on the command line (the others stay the recipe's)."""
-  out = {k: getattr(FLAGS, k) for k in ("schedule", "warmup_steps", "ema_decay", "bn_momentum",
-                                        "zero_init_output", "loss_weighting",
-                                        "loss_weight_floor", "loss_weight_power") if getattr(FLAGS, k) is not None}
+  names = ("schedule", "warmup_steps", "ema_decay", "bn_momentum", "zero_init_output",
+           "loss_weighting", "loss_weight_floor", "loss_weight_power")
+  out = {k: getattr(FLAGS, k) for k in names if getattr(FLAGS, k) is not None}
   if FLAGS.clip_factor is not None:
     out["clip_factor"] = _number_or(FLAGS.clip_factor, "none", "clip_factor")
   if FLAGS.gain_init is not None:

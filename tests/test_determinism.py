@@ -116,12 +116,8 @@ def _final(workdir):
   return {n: _meta(workdir, n, 24)["checksums"]["state"] for n in ("low", "cond0")}, steps
 
 
-def _env():
-  return cli_env()
-
-
 def _train(workdir, timeout=300):
-  res = subprocess.run([sys.executable, TRAIN, f"--workdir={workdir}", *FLAGS], env=_env(),
+  res = subprocess.run([sys.executable, TRAIN, f"--workdir={workdir}", *FLAGS], env=cli_env(),
                        capture_output=True, text=True, timeout=timeout, cwd=REPO)
   assert res.returncode == 0, res.stderr[-3000:]
   return res
@@ -129,7 +125,7 @@ def _train(workdir, timeout=300):
 
 def _train_killed_at_step(workdir, kill_step, delay):
   """Start a run, kill -9 it ``delay`` s after it logs step ``kill_step``."""
-  proc = subprocess.Popen([sys.executable, TRAIN, f"--workdir={workdir}", *FLAGS], env=_env(),
+  proc = subprocess.Popen([sys.executable, TRAIN, f"--workdir={workdir}", *FLAGS], env=cli_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
   timer = None
   for line in proc.stdout:
@@ -178,7 +174,7 @@ def test_kill_at_a_random_point_then_resume_is_bit_identical(seed, reference, tm
 def test_kill_during_an_async_checkpoint_write_then_resume(reference, tmp_path):
   wd = str(tmp_path / "run")
   res = subprocess.run([sys.executable, "-c", _KILL_IN_SAVE, TRAIN, f"--workdir={wd}", *FLAGS],
-                       env=dict(_env(), KILL_AT="11"), capture_output=True, text=True,
+                       env=dict(cli_env(), KILL_AT="11"), capture_output=True, text=True,
                        timeout=300, cwd=REPO)
   assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
   _train(wd)

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import REPO, cli_env
-from wcdm_jax import conv
+from wcdm_jax import conv, training
 
 TRAIN = os.path.join(REPO, "launch", "train.py")
 TINY = ["--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5", "--num_layers=3",
@@ -42,6 +42,7 @@ def test_flagfile_round_trip(tmp_path):
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
     (["--batch_size=-3"], "batch_size"),
     (["--conv_impl=cuda"], f"value should be one of <{'|'.join(conv.CONV_IMPLS)}>"),
+    (["--loss_weighting=l1"], f"value should be one of <{'|'.join(training.LOSS_WEIGHTINGS)}>"),
     (["--cond_rf=8"], "receptive field 8 is impossible"),
     (["--image_size=18", "--levels=2"], "crop to 16x16 or pad to 20x20"),
 ])

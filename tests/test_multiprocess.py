@@ -20,13 +20,9 @@ TINY = ["--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5", "--num_lay
         "--eval_fraction=0.25", "--data_workers=1", "--level_multiplier=1", "--keep_checkpoints=5"]
 
 
-def _env(devices):
-  return cli_env(devices)
-
-
 def _train(workdir, devices, *extra):
   return subprocess.Popen([sys.executable, os.path.join(REPO, "launch", "train.py"), *TINY,
-                           f"--workdir={workdir}", *extra], env=_env(devices), cwd=REPO,
+                           f"--workdir={workdir}", *extra], env=cli_env(devices), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -119,7 +119,7 @@ def _adapt_state(state: training.TrainState, cfg: training.TrainConfig,
     log("the optimiser changed structure: its state starts afresh")
     opt_state = fresh
   loss_stats = state.loss_stats
-  if (loss_stats is None) != (cfg.loss_weighting != "balanced"):
+  if (loss_stats is None) == (cfg.loss_weighting == "balanced"):  # kept only when both have it
     loss_stats = training.init_loss_stats(cfg)
   return state.replace(ema=ema, opt_state=opt_state, loss_stats=loss_stats)
 
