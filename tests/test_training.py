@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import wcdm_jax
-from wcdm_jax import checkpoints, data, models, trainer, training
+from wcdm_jax import checkpoints, data, models, trainer, training, wavelets
 
 TINY = models.multiscale_spec(2, cond_rf=5, low_rf=7, image_size=(16, 16), num_layers=4,
                               low_num_layers=4, features=8)
@@ -380,6 +380,9 @@ def test_loss_weightings():
   # Bounded at clean images: 1 / floor^2.
   clean = ex._replace(std=jnp.zeros(6))
   np.testing.assert_allclose(training.loss_weights(clean, cfg), 1 / (px * floor2), rtol=1e-6)
+  # The floor is in image units: on a net's coefficients it is scaled like the noise.
+  np.testing.assert_allclose(training.loss_weights(clean, cfg, scale=0.25),
+                             1 / (px * floor2 / 16), rtol=1e-6)
   # Balanced: the band's running error where there is one.
   bal = dataclasses.replace(cfg, loss_weighting="balanced")
   stats = training.init_loss_stats(bal).at[ex.level[0]].set(0.5)
@@ -392,6 +395,19 @@ def test_loss_weightings():
   np.testing.assert_allclose(half, np.sqrt(wb), rtol=1e-5)
   np.testing.assert_allclose(training.loss_weights(ex, dataclasses.replace(
       bal, loss_weight_power=0.0), stats), np.ones(6), rtol=1e-6)
+
+
+def test_net_scale_follows_the_pyramid_normalisation():
+  """Image noise of std s is s / 2^(j+1) on level j's details and s / 2^J on the low-pass."""
+  spec = models.multiscale_spec(levels=3, cond_rf=5, low_rf=5, num_layers=3, low_num_layers=3,
+                                features=4, image_size=(16, 16))
+  x = jax.random.normal(jax.random.key(0), (8, 64, 64, 1))  # white noise of std 1
+  lows, details = wavelets.analysis(x, 3)
+  for name, coeffs in [("low", lows[-1])] + [(f"cond{j}", details[j]) for j in range(3)]:
+    np.testing.assert_allclose(float(jnp.std(coeffs)), training.net_scale(spec, name),
+                               rtol=0.1, err_msg=name)
+  flat = models.ModelSpec(low=models.flat_spec(5, num_layers=3, features=4), image_size=(16, 16))
+  assert training.net_scale(flat, "flat") == 1.0
 
 
 def test_noise_bands_and_running_errors():

@@ -250,6 +250,16 @@ def ema_update(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
   return jax.tree.map(lambda e, v: d * e + (1 - d) * v, ema, variables)
 
 
+def net_scale(spec: models.ModelSpec, name: str) -> float:
+  """The size of one unit of the named net's coefficients in image units' terms: the
+  normalised pyramid divides level j's bands by 2^(j+1) (wavelets), so noise of std s on the
+  image is s / 2^(j+1) on the details of level j and s / 2^J on the low-pass x_J."""
+  net = spec.nets[name]
+  if net.kind == "flat":
+    return 1.0
+  return 2.0 ** -(spec.levels if net.kind == "low" else net.level + 1)
+
+
 def noise_draws(key: jax.Array, n: int, cfg: TrainConfig) -> tuple[jax.Array, jax.Array]:
   """(n,) per-image noise std, in units of the clean signal's range, and (n,) its band of
   noise levels: k ~ U{noise_min..noise_max} cut into LOSS_BINS equal ranges."""
@@ -296,8 +306,8 @@ def net_example(spec: models.ModelSpec, name: str, images: jax.Array, key: jax.A
                  level)
 
 
-def loss_weights(ex: Example, cfg: TrainConfig, loss_stats: jax.Array | None = None
-                 ) -> jax.Array | None:
+def loss_weights(ex: Example, cfg: TrainConfig, loss_stats: jax.Array | None = None,
+                 scale: float = 1.0) -> jax.Array | None:
   """(B,) per-image loss weights of ``ex`` (None: unweighted).
 
   The unweighted loss (the paper's) is dominated by the noisiest images, whose error is
@@ -308,13 +318,14 @@ def loss_weights(ex: Example, cfg: TrainConfig, loss_stats: jax.Array | None = N
   image's band of noise levels (``loss_stats``, (LOSS_BINS,), < 0 where none yet, which
   falls back to 'snr'): every level counts by its error relative to the net's own, so the
   gradient is that of the mean over levels of log MSE (the mean PSNR over noise levels). The
-  floor (in image units for every net: the pyramid is orthonormal) bounds the weights, and
-  with them the gradient noise of nearly clean images. Weights are per pixel of the target,
+  floor (``loss_weight_floor`` / 255 in image units) bounds the weights, and
+  with them the gradient noise of nearly clean images; ``scale`` (``net_scale``) turns it
+  into the net's coefficient units, so one floor means one image noise level for every net. Weights are per pixel of the target,
   then raised to ``loss_weight_power`` (between the unweighted loss, 0, and the weighting, 1).
   """
   if cfg.loss_weighting == "none":
     return None
-  floor2 = jnp.square(cfg.loss_weight_floor / 255.0)
+  floor2 = jnp.square(cfg.loss_weight_floor / 255.0 * scale)
   pixels = float(np.prod(ex.noise.shape[1:]))
   err = pixels * (jnp.square(ex.std) + floor2)  # (B,) the expected error of the identity
   if cfg.loss_weighting == "balanced":
@@ -381,6 +392,7 @@ def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransfo
   and donated.
   """
   net = spec.nets[name]
+  scale = net_scale(spec, name)
 
   def step(state: TrainState, images: jax.Array, key: jax.Array):
     ex = net_example(spec, name, images, key, cfg, noise_scale)
@@ -388,7 +400,7 @@ def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransfo
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (batch_stats, errors)), grads = grad_fn(
         state.params, state.batch_stats, net, noisy, ex.noise,
-        weights=loss_weights(ex, cfg, state.loss_stats), return_errors=True,
+        weights=loss_weights(ex, cfg, state.loss_stats, scale), return_errors=True,
         conv_impl=cfg.conv_impl, remat=cfg.remat, dtype=cfg.dtype, bn_momentum=cfg.bn_momentum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
