@@ -29,6 +29,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 from launch import common  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
+GAUSSIAN = "best Gaussian filter"  # psnr.json's name of the baseline curve
 flags.DEFINE_list("models", None, "Model directories (flat and/or multi-scale).")
 flags.DEFINE_list("names", [], "Labels of the models (default: directory names).")
 flags.DEFINE_string("images", "embedded", "'folder:/path', 'tfds:name[:split]' or 'embedded'.")
@@ -36,9 +37,10 @@ flags.DEFINE_enum("crop", "none", ["none", "celeba", "center"], "Crop before res
 flags.DEFINE_integer("image_size", 0, "Image size (0 = the first model's training size).",
                      lower_bound=0)
 flags.DEFINE_integer("num_images", 128, "How many images (first ones by name).", lower_bound=1)
-flags.DEFINE_enum("split", "all", ["all", "eval"], "Images of a folder or tfds source: 'all' "
-                  "from the first file, or 'eval', the held-out last --eval_fraction that "
-                  "train.py leaves out.")
+flags.DEFINE_enum("split", "all", ["all", "eval", "train"], "Images of a folder or tfds "
+                  "source: 'all' from the first file, 'eval', the held-out last --eval_fraction "
+                  "that train.py leaves out, or 'train', the rest (to measure the gap). The "
+                  "embedded photographs: crops of their held-out bottom quarters unless 'train'.")
 flags.DEFINE_float("eval_fraction", 0.1, "With --split=eval: train.py's --eval_fraction.",
                    lower_bound=0.0, upper_bound=0.5)
 flags.DEFINE_list("noise_levels", ["0", "5", "10", "20", "40", "60", "100", "160", "260", "400",
@@ -49,6 +51,8 @@ flags.DEFINE_string("out", "eval", "Output directory.")
 flags.DEFINE_bool("filters", False, "Also plot adaptive filters (Jacobian rows).")
 flags.DEFINE_float("filter_sigma", 60.0, "Noise std (/255) of the adaptive-filter figure.")
 flags.DEFINE_bool("psnr", True, "Denoising PSNR curves (psnr.json, psnr.png).")
+flags.DEFINE_bool("gaussian", True, "With --psnr: also the curve of the best Gaussian filter per "
+                  "noise level (tuned on these very images), the baseline a denoiser must beat.")
 flags.DEFINE_bool("nll", False, "Negative log-likelihood bound in bits per pixel (nll.json, "
                   "nll.png).")
 flags.DEFINE_integer("nll_evals", 64, "--nll: denoiser evaluations per image and scale.",
@@ -128,6 +132,13 @@ def main(argv):
     curve["kind"] = "multi-scale" if params.spec.levels else "flat"
     results[name] = curve
     common.log(f"{name}: " + " ".join(f"{s:g}:{o:.2f}" for s, o in zip(levels, curve["psnr_out"])))
+  if FLAGS.gaussian:
+    curve = evaluation.gaussian_curve(images, [s / 255 for s in levels], FLAGS.seed,
+                                      FLAGS.batch_size)
+    curve.update(noise_std_255=levels, kind="baseline")
+    results[GAUSSIAN] = curve
+    common.log(f"{GAUSSIAN}: " + " ".join(f"{s:g}:{o:.2f}" for s, o in zip(levels,
+                                                                          curve["psnr_out"])))
   with open(os.path.join(FLAGS.out, "psnr.json"), "w") as f:
     json.dump({"images": FLAGS.images, "num_images": len(images), "image_size": size,
                "split": FLAGS.split, "seed": FLAGS.seed, "models": results}, f, indent=1)

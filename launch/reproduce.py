@@ -11,6 +11,9 @@ then evaluates every grey model on the held-out files (launch/evaluate.py, --spl
 writes into --workdir: eval/psnr.json + psnr.png (output vs input PSNR), curves.png (each
 net's per-scale PSNR against steps), colour/samples/ (denoising row, samples,
 super-resolution) and summary.json, which marks the paper's three claims held / not held.
+With --budget_runs (the workdirs of the same experiment run at other --num_steps), the
+'budgets' stage adds budgets.md and budgets.png: each claim's worst-level difference against
+the images seen per net.
 
 Every stage is a run of launch/train.py, evaluate.py or sample.py (their logs in
 --workdir/logs/); rerunning the command resumes the training runs and redoes the rest.
@@ -29,7 +32,8 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 from launch import common  # pylint: disable=g-import-not-at-top
 
 LAUNCH = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("flat_small", "flat_large", "ms_small", "ms_large", "colour", "evaluate", "figures")
+STAGES = ("flat_small", "flat_large", "ms_small", "ms_large", "colour", "evaluate", "figures",
+          "budgets")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Root directory of the experiment.")
@@ -73,6 +77,8 @@ flags.DEFINE_list("noise_levels", ["0", "20", "40", "60", "100", "160", "260", "
 flags.DEFINE_integer("colour_samples", 8, "Samples drawn from the colour model.", lower_bound=0)
 flags.DEFINE_integer("low_max_steps", 3000, "Colour samples: low-pass ascent step cap.",
                      lower_bound=1)
+flags.DEFINE_list("budget_runs", [], "Workdirs of this experiment at other budgets (each with "
+                  "its summary.json): the 'budgets' stage tabulates and plots the claims over all.")
 
 
 def _names():
@@ -178,6 +184,8 @@ def main(argv):
              stage + "_colour")
     elif stage == "figures":
       _figures(names, path)
+    elif stage == "budgets":
+      _budgets()
 
 
 def _eval_args(models: list[str], labels: list[str], out: str) -> list[str]:
@@ -252,6 +260,35 @@ def _figures(names: dict, path) -> None:
   for claim in summary["claims"]:
     common.log(f"{'HELD' if claim['held'] else 'NOT HELD'}: {claim['claim']} ({claim['detail']})")
   common.log(f"wrote {os.path.join(FLAGS.workdir, 'summary.json')}")
+
+
+def _budgets() -> None:
+  """budgets.md / budgets.png: the claims of this run and of --budget_runs by images seen."""
+  from wcdm_jax import plots  # pylint: disable=g-import-not-at-top
+  if not FLAGS.budget_runs:
+    common.log("budgets: no --budget_runs given, nothing to compare")
+    return
+  budgets = {}
+  for run in [FLAGS.workdir] + FLAGS.budget_runs:
+    path = os.path.join(run, "summary.json")
+    if not os.path.exists(path):
+      raise RuntimeError(f"{path} does not exist: run that budget's 'figures' stage first")
+    with open(path) as f:
+      summary = json.load(f)
+    budgets[summary["budget"]["images_per_net"]] = summary
+  claims = budgets[max(budgets)]["claims"]
+  lines = ["| images per net | " + " | ".join(
+      f"claim {i + 1} (bound {c['bound_db']:+g} dB)" for i, c in enumerate(claims)) + " |",
+           "|---|" + "---|" * len(claims)]
+  for n in sorted(budgets):
+    cells = [f"{c['worst_db']:+.2f} ({'held' if c['held'] else 'not held'})"
+             for c in budgets[n]["claims"]]
+    lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
+  text = "\n".join(lines) + "\n\n" + "\n".join(
+      f"- claim {i + 1}: {c['claim']}" for i, c in enumerate(claims)) + "\n"
+  with open(os.path.join(FLAGS.workdir, "budgets.md"), "w") as f:
+    f.write(text)
+  common.log("wrote " + plots.claim_budgets(budgets, os.path.join(FLAGS.workdir, "budgets.png")))
 
 
 if __name__ == "__main__":

@@ -213,6 +213,10 @@ def main(argv):
     common.log(f"held-out denoising, sigma {r['sigma']:g}: model {r['model']:.2f} dB, noisy "
                f"{r['noisy']:.2f} dB, best Gaussian filter {r['gaussian']:.2f} dB (std "
                f"{r['gaussian_width']:.2f} px): model - Gaussian {r['model'] - r['gaussian']:+.2f} dB")
+    if len(r["bands"]) > 1:
+      common.log("  its squared error by scale, x 1e-4 (model / noisy / Gaussian): " + ", ".join(
+          f"{band} {e['model'] * 1e4:.2f} / {e['noisy'] * 1e4:.2f} / {e['gaussian'] * 1e4:.2f}"
+          for band, e in r["bands"].items()))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ def test_flagfile_round_trip(tmp_path):
   res = _train(f"--flagfile={flagfile}")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "per-scale PSNR" in res.stdout
+  # The final comparison, with the error of each scale (model / noisy / Gaussian).
+  assert res.stdout.count("held-out denoising, sigma") == 4
+  assert res.stdout.count("its squared error by scale") == 4 and "cond0 " in res.stdout
   saved = (wd / "train.flags").read_text()
   for flag in TINY:
     assert flag in saved

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, cli_env, shared_path
 import wcdm_jax
-from wcdm_jax import data, models, trainer, training
+from wcdm_jax import data, evaluation, models, trainer, training
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,22 @@ def test_evaluate_tool(tiny_model, tmp_path):
     den = np.asarray(wcdm_jax.denoise(params, jnp.asarray(noisy)))
     assert a["psnr_in"][i] == pytest.approx(_psnr(noisy, images), abs=1e-3)
     assert a["psnr_out"][i] == pytest.approx(_psnr(den, images), abs=1e-3)
+    # The baseline: the best of the Gaussian widths on the same draws, by value.
+    g = out["models"]["best Gaussian filter"]
+    best = max(_psnr(np.asarray(evaluation.gaussian_blur(jnp.asarray(noisy), w)), images)
+               for w in evaluation.GAUSSIAN_WIDTHS)
+    assert g["psnr_out"][i] == pytest.approx(best, abs=1e-3) and g["kind"] == "baseline"
+    assert g["width"][i] in evaluation.GAUSSIAN_WIDTHS
   assert a["psnr_out"][1] > a["psnr_in"][1] + 1.0  # a trained model denoises
   assert (tmp_path / "psnr.png").exists() and (tmp_path / "filters.png").exists()
+  # --split=train: crops of the training share instead, the same draws otherwise.
+  _run("evaluate.py", f"--models={tiny_model}", "--names=a", "--images=embedded",
+       "--num_images=4", "--noise_levels=10,50", f"--out={tmp_path / 'train'}", "--split=train",
+       "--nogaussian")
+  with open(tmp_path / "train" / "psnr.json") as f:
+    train = json.load(f)
+  assert list(train["models"]) == ["a"] and train["split"] == "train"
+  assert train["models"]["a"]["psnr_out"] != a["psnr_out"]
 
 
 def test_evaluate_nll(tiny_model, tmp_path):

@@ -44,6 +44,19 @@ def test_reproduce_toy(tmp_path):
   summary = json.load(open(wd / "summary.json"))
   assert [type(c["held"]) for c in summary["claims"]] == [bool] * 3
   assert summary["budget"]["images_per_net"] == 240
+  # The budget comparison: this run and a (relabelled) copy of its summary as a smaller budget.
+  small = tmp_path / "repro_small"
+  small.mkdir()
+  summary["budget"]["images_per_net"] = 120
+  (small / "summary.json").write_text(json.dumps(summary))
+  res = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "reproduce.py"), f"--workdir={wd}",
+       f"--data=folder:{images}", "--stages=budgets", f"--budget_runs={small}"],
+      capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+  assert res.returncode == 0, res.stderr[-3000:]
+  table = (wd / "budgets.md").read_text().splitlines()
+  assert table[2].startswith("| 120 |") and table[3].startswith("| 240 |"), table
+  assert (wd / "budgets.png").exists()
   colour = np.load(wd / "colour_ms_rf5" / "samples" / "samples.npz")
   assert colour["samples"].shape == (2, 16, 16, 3)
   # Colour end to end: the channels of the clean images differ, and so do the denoised ones.

@@ -252,13 +252,58 @@ def test_claims_thresholds():
   def curve(out, pin=(20.0, -1.0, -5.0)):
     return {"sigma": [0.1, 1.0, 2.0], "psnr_in": list(pin), "psnr_out": list(out)}
   res = {"fs": curve([25, 10.0, 6.0]), "fl": curve([26, 12.0, 8.0]),
-         "ms": curve([25.5, 12.0, 8.0]), "ml": curve([25.69, 12.19, 7.81])}
+         "ms": curve([25.5, 12.0, 8.0]), "ml": curve([25.79, 12.29, 7.71])}
   got = evaluation.multiscale_claims(res, flat_small="fs", flat_large="fl", ms_small="ms",
                                      ms_large="ml")
   assert [c["held"] for c in got["claims"]] == [True, True, True]
-  res["ml"] = curve([25.71, 12.0, 8.0])  # 0.21 dB apart at one level
+  # The worst level of each: the largest |difference|, the smallest gap, the lowest margin.
+  np.testing.assert_allclose([c["worst_db"] for c in got["claims"]], [0.29, -2.0, 0.0],
+                             atol=1e-9)
+  assert [c["bound_db"] for c in got["claims"]] == [0.3, -2.0, 0.0]
+  res["ml"] = curve([25.81, 12.0, 8.0])  # 0.31 dB apart at one level
   res["fs"] = curve([25, 10.01, 6.0])    # 1.99 dB below at one high-noise level
   res["ms"] = curve([25.5, 12.0, 7.99])  # below flat RF 43 at one high-noise level
   got = evaluation.multiscale_claims(res, flat_small="fs", flat_large="fl", ms_small="ms",
                                      ms_large="ml")
   assert [c["held"] for c in got["claims"]] == [False, False, False]
+
+
+def test_band_mse_adds_up_and_names_the_band():
+  """An error put in one band shows under that band's net only; the bands sum to the MSE."""
+  spec = _known_model().spec
+  clean = jax.random.uniform(jax.random.key(0), (3, 16, 16, 1))
+  pyr = wavelets.decompose(clean, 2)
+  bump = jax.random.normal(jax.random.key(1), pyr.details[1].shape)
+  x = wavelets.reconstruct(pyr.replace(details=(pyr.details[0], pyr.details[1] + bump)))
+  got = evaluation.band_mse(x, clean, spec)
+  assert list(got) == ["low", "cond1", "cond0"]
+  np.testing.assert_allclose(got["cond1"], np.mean(np.square(np.asarray(x - clean)), (1, 2, 3)),
+                             rtol=1e-4)
+  assert float(jnp.max(got["low"])) < 1e-10 and float(jnp.max(got["cond0"])) < 1e-10
+  y = clean + 0.1 * jax.random.normal(jax.random.key(2), clean.shape)
+  parts = evaluation.band_mse(y, clean, spec)
+  np.testing.assert_allclose(sum(parts.values()), np.mean(np.square(np.asarray(y - clean)),
+                                                          (1, 2, 3)), rtol=1e-4)
+  # White noise: 1/16 of it on the 4x4 low-pass, 3/16 on level 1's details, 3/4 on level 0's.
+  np.testing.assert_allclose([float(parts[b].mean()) / 0.01 for b in ("low", "cond1", "cond0")],
+                             [1 / 16, 3 / 16, 3 / 4], rtol=0.3)
+
+
+def test_compare_with_gaussian_by_value():
+  """The linear flat denoiser 0.75 y: its PSNR and MSE by value, a Gaussian filter tuned on
+  the very images at least as good as any fixed width, and the noisy input's MSE sigma^2."""
+  params = _linear_flat()
+  clean = 0.5 + 0.1 * jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+  rows = evaluation.compare_with_gaussian(params, clean, (0.05, 0.2), jax.random.key(1))
+  for i, r in enumerate(rows):
+    y = clean + r["sigma"] * jax.random.normal(jax.random.fold_in(jax.random.key(1), i),
+                                               clean.shape)
+    np.testing.assert_allclose(r["model"], float(evaluation.psnr(0.75 * y, clean).mean()),
+                               rtol=1e-5)
+    np.testing.assert_allclose(r["noisy"], float(evaluation.psnr(y, clean).mean()), rtol=1e-5)
+    assert r["gaussian"] >= float(evaluation.psnr(evaluation.gaussian_blur(y, 1.0), clean).mean())
+    assert r["gaussian_width"] in evaluation.GAUSSIAN_WIDTHS
+    assert list(r["bands"]) == ["flat"]
+    np.testing.assert_allclose(r["bands"]["flat"]["model"],
+                               float(jnp.mean(jnp.square(0.75 * y - clean))), rtol=1e-4)
+    np.testing.assert_allclose(r["bands"]["flat"]["noisy"], r["sigma"] ** 2, rtol=0.3)

@@ -36,18 +36,20 @@ def _finish_axes(ax, xlabel: str, ylabel: str, title: str, fontsize: int = 12) -
 
 
 def psnr_curves(results: Mapping[str, dict], path: str) -> str:
-  """Output PSNR against input PSNR, one curve per model; flat and multi-scale panels."""
+  """Output PSNR against input PSNR, one curve per model; flat and multi-scale panels (a
+  'baseline' curve, e.g. the best Gaussian filter, in each)."""
   plt = _pyplot()
   kinds = [k for k in ("flat", "multi-scale") if any(r["kind"] == k for r in results.values())]
   fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.5), squeeze=False)
   for ax, kind in zip(axes[0], kinds):
     finite = []
     for name, r in results.items():
-      if r["kind"] != kind:
+      if r["kind"] not in (kind, "baseline"):
         continue
       pin, pout = np.asarray(r["psnr_in"]), np.asarray(r["psnr_out"])
       ok = np.asarray(r["sigma"]) > 0  # no noise: the input PSNR is infinite
-      ax.plot(pin[ok], pout[ok], "o-", ms=3, label=name)
+      ax.plot(pin[ok], pout[ok], "o:" if r["kind"] == "baseline" else "o-", ms=3, label=name,
+              color="0.4" if r["kind"] == "baseline" else None)
       finite += list(pin[ok])
     if finite:
       lo, hi = min(finite) - 2, max(finite) + 2
@@ -122,4 +124,24 @@ def likelihood_bars(results: Mapping[str, dict], path: str) -> str:
   _finish_axes(ax, "model", "bits per pixel (without the dequantisation "
                f"{deq.max():.3f})" if deq.max() else "bits per pixel",
                "negative log-likelihood bound, by term")
+  return _save(fig, path)
+
+
+def claim_budgets(budgets: Mapping[int, dict], path: str) -> str:
+  """Each of the paper's claims (``evaluation.multiscale_claims``' 'worst_db') against the
+  images seen per net, one panel per claim, with the line the claim must reach."""
+  plt = _pyplot()
+  images = sorted(budgets)
+  claims = budgets[images[0]]["claims"]
+  fig, axes = plt.subplots(1, len(claims), figsize=(4.6 * len(claims), 3.8), squeeze=False)
+  for i, ax in enumerate(axes[0]):
+    worst = [budgets[n]["claims"][i]["worst_db"] for n in images]
+    ax.plot(images, worst, "o-", label="measured (worst level)")
+    bound = claims[i]["bound_db"]
+    if i == 0:  # a band: |difference| <= bound
+      ax.axhspan(-bound, bound, color="g", alpha=0.15, label="claim holds")
+    else:
+      ax.axhline(bound, color="g", ls="--", label="claim's bound")
+    ax.set_xscale("log")
+    _finish_axes(ax, "images seen per net", "dB", claims[i]["claim"], fontsize=8)
   return _save(fig, path)
