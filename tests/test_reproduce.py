@@ -36,7 +36,9 @@ def test_reproduce_toy(tmp_path):
     assert (wd / f).exists(), f
   with open(wd / "eval" / "psnr.json") as f:
     models = json.load(f)["models"]
-  assert sorted(models) == ["flat_rf5", "flat_rf7", "ms_rf5", "ms_rf7"]
+  assert sorted(models) == ["best Gaussian filter", "flat_rf5", "flat_rf7", "ms_rf5", "ms_rf7"]
+  assert models["best Gaussian filter"]["kind"] == "baseline"
+  assert "| best Gaussian filter |" in (wd / "results.md").read_text()
   for name, m in models.items():
     out, pin = np.asarray(m["psnr_out"]), np.asarray(m["psnr_in"])
     assert np.all(np.isfinite(out)), name
