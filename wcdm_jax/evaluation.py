@@ -78,7 +78,8 @@ def band_mse(x: jax.Array, ref: jax.Array, spec: models.ModelSpec) -> dict[str, 
     return {"flat": jnp.mean(jnp.square(x - ref), axis=axes)}
   px, pr = (wavelets.decompose(a, spec.levels, spec.wavelet, spec.mode) for a in (x, ref))
   n = float(np.prod(x.shape[1:]))
-  sq = lambda a, b, j: jnp.sum(jnp.square(a - b), axis=axes) * 4.0 ** j / n  # undo 2^-j norm.
+  sq = lambda a, b, halvings: (jnp.sum(jnp.square(a - b), axis=axes)
+                               / (n * wavelets.band_scale(halvings) ** 2))  # in image units
   out = {"low": sq(px.low, pr.low, spec.levels)}
   for j in reversed(range(spec.levels)):
     out[f"cond{j}"] = sq(px.details[j], pr.details[j], j + 1)

@@ -214,13 +214,14 @@ def multiscale_nats(keys: jax.Array, low_denoiser: Denoiser,
   levels = len(cond_denoisers)
   lows, details = wavelets.analysis(x, levels, wavelet)
   nats, errs = {}, {}
-  nats["low"], errs["low"] = bound_scan(_per_scale(keys, 0), low_denoiser, lows[-1], cfg,
-                                        sigma_min=cfg.sigma_min / 2 ** levels)
+  nats["low"], errs["low"] = bound_scan(
+      _per_scale(keys, 0), low_denoiser, lows[-1], cfg,
+      sigma_min=cfg.sigma_min * wavelets.band_scale(levels))
   for j in reversed(range(levels)):
     f = functools.partial(lambda y, s, j: cond_denoisers[j](y, lows[j], s), j=j)
     nats[f"cond{j}"], errs[f"cond{j}"] = bound_scan(
-        _per_scale(keys, j + 1), f, details[j], cfg, sigma_min=cfg.sigma_min / 2 ** (j + 1),
-        prior_mean=0.0, prior_var=0.0)
+        _per_scale(keys, j + 1), f, details[j], cfg,
+        sigma_min=cfg.sigma_min * wavelets.band_scale(j + 1), prior_mean=0.0, prior_var=0.0)
   dims = sum(math.prod(v.shape[1:]) for v in [x] + lows[:-1])  # inputs of the J splits
   nats["log_det"] = jnp.full((x.shape[0], cfg.scan), LN2 * dims)
   errs["log_det"] = jnp.zeros((x.shape[0], cfg.scan))

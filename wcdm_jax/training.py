@@ -257,7 +257,7 @@ def net_scale(spec: models.ModelSpec, name: str) -> float:
   net = spec.nets[name]
   if net.kind == "flat":
     return 1.0
-  return 2.0 ** -(spec.levels if net.kind == "low" else net.level + 1)
+  return wavelets.band_scale(spec.levels if net.kind == "low" else net.level + 1)
 
 
 def noise_draws(key: jax.Array, n: int, cfg: TrainConfig) -> tuple[jax.Array, jax.Array]:

@@ -160,6 +160,13 @@ def _idwt2_jaxwt(ll, bands, wavelet: str, size: tuple[int, int]):
 
 # --- public one-level and multi-level transforms -------------------------------------------
 
+def band_scale(halvings: int) -> float:
+  """What the normalisation multiplies the orthonormal bands by after ``halvings`` levels
+  (the details of level j: j + 1; the low-pass x_J: J): 2^-halvings. Noise of std s on the
+  image is s * band_scale on those bands; an error e on them is e / band_scale on the image."""
+  return 2.0 ** -halvings
+
+
 def dwt_level(x: jax.Array, wavelet: str = "haar", mode: str = PERIODIZATION):
   """One normalised level: x (B, H, W, C) -> (low (B, h, w, C), details (B, h, w, 3C))."""
   _check_mode(mode)
