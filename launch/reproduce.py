@@ -271,11 +271,23 @@ def _budgets() -> None:
   budgets = {}
   for run in [FLAGS.workdir] + FLAGS.budget_runs:
     path = os.path.join(run, "summary.json")
-    if not os.path.exists(path):
-      raise RuntimeError(f"{path} does not exist: run that budget's 'figures' stage first")
-    with open(path) as f:
-      summary = json.load(f)
-    budgets[summary["budget"]["images_per_net"]] = summary
+    try:
+      with open(path) as f:
+        summary = json.load(f)
+      images = summary["budget"]["images_per_net"]
+      for c in summary["claims"]:  # the fields the table and the figure read
+        missing = {"claim", "held", "worst_db", "bound_db"} - set(c)
+        if missing:
+          raise KeyError(f"a claim without {sorted(missing)}")
+    except FileNotFoundError:
+      common.fail(f"{path} does not exist: run that budget's 'figures' stage first")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      common.fail(f"{path} is not a summary.json of this release's 'figures' stage "
+                  f"({type(e).__name__}: {e}); rerun that stage")
+    if images in budgets:
+      common.fail(f"--budget_runs: two runs with {images:,} images per net ({run}); give each "
+                  "budget once")
+    budgets[images] = summary
   claims = budgets[max(budgets)]["claims"]
   lines = ["| images per net | " + " | ".join(
       f"claim {i + 1} (bound {c['bound_db']:+g} dB)" for i, c in enumerate(claims)) + " |",

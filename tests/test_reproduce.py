@@ -59,6 +59,18 @@ def test_reproduce_toy(tmp_path):
   table = (wd / "budgets.md").read_text().splitlines()
   assert table[2].startswith("| 120 |") and table[3].startswith("| 240 |"), table
   assert (wd / "budgets.png").exists()
+  # Bad budget runs: a one-line error naming the file, the table left as it was.
+  (small / "summary.json").write_text("{not json")
+  missing = tmp_path / "no_such_run"
+  for runs, message in [(small, "is not a summary.json"), (missing, "does not exist"),
+                        (wd, "two runs with 240 images per net")]:
+    res = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "reproduce.py"), f"--workdir={wd}",
+         f"--data=folder:{images}", "--stages=budgets", f"--budget_runs={runs}"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert res.returncode == 1 and message in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+  assert (wd / "budgets.md").read_text().splitlines() == table
   colour = np.load(wd / "colour_ms_rf5" / "samples" / "samples.npz")
   assert colour["samples"].shape == (2, 16, 16, 3)
   # Colour end to end: the channels of the clean images differ, and so do the denoised ones.
