@@ -37,10 +37,44 @@ def add_isa_argument(parser) -> None:
                       help="native kernels to use (WCDM_JAX_NATIVE_ISA): auto = the CPU's best")
 
 
+# What each forced ISA caps the rest of the process at: XLA's own code generation and
+# PyTorch's oneDNN, ATen and MKL dispatch, so that both sides see what a CPU of that ISA offers.
+_ISA_CAPS = {
+    "avx2": {"xla": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "generic": {"xla": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default",
+                "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+
+
+def cap_isa(isa: str) -> str:
+  """Cap XLA and PyTorch at ``isa`` when it is below this CPU's best, so that a forced
+  ``--isa=avx2`` on an AVX-512 host times both sides as an AVX2-only host would. Must run
+  before jax computes anything and before torch is imported; returns a line saying what it did
+  ('' when nothing was capped). Variables the user set already are kept."""
+  from wcdm_jax import native_build  # pylint: disable=g-import-not-at-top
+  best = native_build.cpu_isas()[:1]
+  if isa not in _ISA_CAPS or not best or best[0] == isa:
+    return ""
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if "torch" in sys.modules or xla_bridge.backends_are_initialized():
+    raise RuntimeError("cap_isa must run before torch is imported and before jax computes")
+  caps = dict(_ISA_CAPS[isa])
+  flag = f"--xla_cpu_max_isa={caps.pop('xla')}"
+  if "xla_cpu_max_isa" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+  for k, v in caps.items():
+    os.environ.setdefault(k, v)
+  return (f"capped at {isa} on both sides (XLA {flag}, PyTorch ONEDNN_MAX_CPU_ISA="
+          f"{os.environ['ONEDNN_MAX_CPU_ISA']}, ATEN_CPU_CAPABILITY="
+          f"{os.environ['ATEN_CPU_CAPABILITY']}): the view of a CPU whose best ISA is {isa}")
+
+
 def use_isa(isa: str) -> str:
-  """Make 'auto' convolutions use ``isa``; returns a line naming the CPU and the ISA in use.
-  Exits with one line when the CPU lacks it."""
+  """Make 'auto' convolutions use ``isa`` and cap XLA and PyTorch at it (``cap_isa``); returns
+  lines naming the CPU and the ISA in use. Exits with one line when the CPU lacks it."""
   from wcdm_jax import conv, native_build  # pylint: disable=g-import-not-at-top
+  capped = cap_isa(isa)
   os.environ["WCDM_JAX_NATIVE_ISA"] = isa
   conv.native_isa.cache_clear()
   conv.native_available.cache_clear()
@@ -48,8 +82,9 @@ def use_isa(isa: str) -> str:
     in_use = conv.native_isa()
   except conv.NativeIsaError as e:
     sys.exit(f"error: {e}")
-  return (f"CPU: {native_build.cpu_name()} (runs: {', '.join(native_build.cpu_isas())}); "
+  line = (f"CPU: {native_build.cpu_name()} (runs: {', '.join(native_build.cpu_isas())}); "
           f"convolutions: {'native ' + in_use if in_use else 'XLA'}")
+  return f"{line}\n{capped}" if capped else line
 
 
 def median_time(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> float:

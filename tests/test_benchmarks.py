@@ -70,3 +70,50 @@ def test_inverse_benchmark_runs():
     assert "original loop" in out and "inverse.solve" in out
     diff = float(out.split("max |JAX - torch| = ")[1].split()[0])
     assert diff < 1e-3, (task, diff)  # the torch loop is the same algorithm
+
+
+_CAP_PROBE = """
+import json, os, sys
+sys.path.insert(0, os.path.join({repo!r}, 'benchmarks'))
+import common
+from wcdm_jax import native_build
+native_build.cpu_isas = lambda: {isas!r}
+for k in ('ONEDNN_MAX_CPU_ISA', 'ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS'):
+  os.environ.pop(k, None)
+line = common.cap_isa({isa!r})
+import jax.numpy as jnp
+jnp.ones(2).block_until_ready()
+try:
+  common.cap_isa({isa!r})
+  late = 'allowed'
+except RuntimeError:
+  late = 'refused'
+print(json.dumps(dict(line=line, late=late, xla=os.environ.get('XLA_FLAGS', ''),
+                      onednn=os.environ.get('ONEDNN_MAX_CPU_ISA'),
+                      aten=os.environ.get('ATEN_CPU_CAPABILITY'))))
+"""
+
+
+@pytest.mark.parametrize("isas,isa,capped", [
+    (("avx512", "avx2", "generic"), "avx2", "AVX2"),
+    (("avx512", "avx2", "generic"), "generic", "SSE4_2"),
+    (("avx2", "generic"), "avx2", None),        # already the CPU's best: nothing to cap
+    (("avx512", "avx2", "generic"), "avx512", None),
+])
+def test_forced_isa_caps_xla_and_torch(isas, isa, capped):
+  """--isa below the CPU's best caps XLA and PyTorch at it (an AVX2-only host's view on an
+  AVX-512 one), only before jax computes; the CPU's own best leaves both alone."""
+  import json  # pylint: disable=g-import-not-at-top
+  code = _CAP_PROBE.format(repo=REPO, isas=isas, isa=isa)
+  env = {k: v for k, v in cli_env().items() if k != "XLA_FLAGS"}
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=REPO)
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  if capped is None:
+    assert out["line"] == "" and "xla_cpu_max_isa" not in out["xla"] and out["onednn"] is None
+    assert out["late"] == "allowed"
+  else:
+    assert f"--xla_cpu_max_isa={capped}" in out["xla"] and isa in out["line"]
+    assert out["onednn"] in ("AVX2", "SSE41") and out["aten"] in ("avx2", "default")
+    assert out["late"] == "refused"
