@@ -209,6 +209,10 @@ def main(argv):
   for name, m in final.items():
     common.log(f"final {name}: noisy {m['psnr_noisy']:.2f} dB -> denoised "
                f"{m['psnr_denoised']:.2f} dB")
+    if m.get("identity_gains"):
+      common.log(f"  {name} while training, dB over its input by noise std (image units; < 0: "
+                 "worse than the identity): " + ", ".join(
+                     f"<={hi:.2g} {g:+.1f}" for _, hi, g in m["identity_gains"]))
   for r in comparison or ():
     common.log(f"held-out denoising, sigma {r['sigma']:g}: model {r['model']:.2f} dB, noisy "
                f"{r['noisy']:.2f} dB, best Gaussian filter {r['gaussian']:.2f} dB (std "

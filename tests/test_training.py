@@ -431,3 +431,33 @@ def test_noise_bands_and_running_errors():
 def test_bad_loss_weighting_is_a_one_line_error(bad, match):
   with pytest.raises(ValueError, match=match):
     training.TrainConfig(**bad)
+
+
+def test_identity_gains_compare_the_running_errors_with_the_identity():
+  """0 dB where the net's running error equals its input's noise, -10 dB at ten times it,
+  NaN where a band saw no image; stds reported in image units (/ net_scale)."""
+  cfg = training.TrainConfig(noise_min=0, noise_max=255, quadratic_noise=False)
+  k = np.arange(256)
+  band = k * training.LOSS_BINS // 256
+  ident = np.array([np.mean((k[band == b] / 255.0 * 2.0) ** 2) for b in range(training.LOSS_BINS)])
+  stats = ident.copy()
+  stats[3] *= 10.0
+  stats[5] = -1.0
+  rows = training.identity_gains(cfg, stats, noise_scale=2.0, scale=0.25)
+  assert len(rows) == training.LOSS_BINS
+  gains = np.array([g for _, _, g in rows])
+  np.testing.assert_allclose(np.delete(gains, [3, 5]), 0.0, atol=1e-9)
+  assert abs(gains[3] + 10.0) < 1e-9 and np.isnan(gains[5])
+  lo, hi, _ = rows[1]  # k = 16..31, x noise_scale 2, / scale 0.25
+  assert np.isclose(lo, 16 / 255 * 8) and np.isclose(hi, 31 / 255 * 8)
+  # a clean band (k = 0 only) the net gets wrong: -inf, not an error
+  one = training.TrainConfig(noise_min=0, noise_max=15, quadratic_noise=True)
+  assert training.identity_gains(one, np.full(training.LOSS_BINS, 1e-6))[0][2] == -np.inf
+
+
+def test_final_metrics_report_each_nets_gain_over_the_identity(tmp_path):
+  final = _run(tmp_path / "w")
+  for name in TINY.nets:
+    rows = final[name]["identity_gains"]
+    assert len(rows) == training.LOSS_BINS and all(np.isfinite(lo) for lo, _, _ in rows)
+    assert any(np.isfinite(g) for _, _, g in rows)

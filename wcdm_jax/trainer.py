@@ -253,6 +253,12 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
                                             n["meta"]["noise_scale"])
   try:
     final = _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, log)
+    for name in names:
+      state = nets[name]["state"]
+      if state.loss_stats is not None and name in final:
+        final[name]["identity_gains"] = training.identity_gains(
+            cfg, jax.device_get(state.loss_stats), nets[name]["meta"]["noise_scale"],
+            training.net_scale(spec, name))
   finally:
     for n in nets.values():
       n["mngr"].wait_until_finished()

@@ -348,6 +348,32 @@ def update_loss_stats(stats: jax.Array, level: jax.Array, errors: jax.Array) -> 
   return jnp.where(counts > 0, moved, stats)
 
 
+def identity_gains(cfg: TrainConfig, loss_stats: Any, noise_scale: float = 1.0,
+                   scale: float = 1.0) -> list[tuple[float, float, float]]:
+  """Per band of noise levels, (lowest, highest noise std in image units, the net's gain over
+  the identity in dB) from the 'balanced' weighting's running errors (``loss_stats``): 10
+  log10(the identity's mean squared error per pixel at that band / the net's). Negative: the
+  net returns its input *worse* than it received it at those levels, the failure that makes a
+  cascade of nets lose to its noisy input at small noise. NaN where a band has no error yet.
+  ``noise_scale`` is the net's noise scale (the checkpoint meta's), ``scale`` its
+  ``net_scale``; the stds are the training draws' (intensity augmentation changes the signal,
+  not the noise)."""
+  stats = np.asarray(loss_stats, np.float64)
+  k = np.arange(cfg.noise_min, cfg.noise_max + 1)
+  band = (k - cfg.noise_min) * LOSS_BINS // (cfg.noise_max - cfg.noise_min + 1)
+  std = k / 255.0
+  std = (np.square(std) if cfg.quadratic_noise else std) * noise_scale  # the net's units
+  out = []
+  for b in range(LOSS_BINS):
+    s = std[band == b]
+    if not s.size:
+      continue
+    with np.errstate(divide="ignore"):
+      gain = (10 * np.log10(np.mean(np.square(s)) / stats[b]) if stats[b] >= 0 else np.nan)
+    out.append((float(s.min() / scale), float(s.max() / scale), float(gain)))
+  return out
+
+
 def detail_noise_scales(spec: models.ModelSpec, batches: list[np.ndarray]) -> dict[str, float]:
   """Largest |detail coefficient| per level over some training batches: cond nets' noise scale."""
   scales = {c.name: 0.0 for c in spec.conditionals}
