@@ -260,13 +260,20 @@ def net_scale(spec: models.ModelSpec, name: str) -> float:
   return wavelets.band_scale(spec.levels if net.kind == "low" else net.level + 1)
 
 
+def noise_level(k, cfg: TrainConfig):
+  """Noise level k (/255 units; a jax or numpy int array) -> (its noise std in units of the
+  clean signal's range, its band of the LOSS_BINS equal ranges of noise_min..noise_max)."""
+  std = k / 255.0
+  band = (k - cfg.noise_min) * LOSS_BINS // (cfg.noise_max - cfg.noise_min + 1)
+  return (std * std if cfg.quadratic_noise else std), band
+
+
 def noise_draws(key: jax.Array, n: int, cfg: TrainConfig) -> tuple[jax.Array, jax.Array]:
   """(n,) per-image noise std, in units of the clean signal's range, and (n,) its band of
-  noise levels: k ~ U{noise_min..noise_max} cut into LOSS_BINS equal ranges."""
+  noise levels: k ~ U{noise_min..noise_max} (``noise_level``)."""
   k = jax.random.randint(key, (n,), cfg.noise_min, cfg.noise_max + 1)
-  std = k.astype(jnp.float32) / 255.0
-  band = (k - cfg.noise_min) * LOSS_BINS // (cfg.noise_max - cfg.noise_min + 1)
-  return (jnp.square(std) if cfg.quadratic_noise else std), band.astype(jnp.int32)
+  std, band = noise_level(k, cfg)
+  return std.astype(jnp.float32), band.astype(jnp.int32)
 
 
 def noise_stds(key: jax.Array, n: int, cfg: TrainConfig) -> jax.Array:
@@ -359,10 +366,8 @@ def identity_gains(cfg: TrainConfig, loss_stats: Any, noise_scale: float = 1.0,
   ``net_scale``; the stds are the training draws' (intensity augmentation changes the signal,
   not the noise)."""
   stats = np.asarray(loss_stats, np.float64)
-  k = np.arange(cfg.noise_min, cfg.noise_max + 1)
-  band = (k - cfg.noise_min) * LOSS_BINS // (cfg.noise_max - cfg.noise_min + 1)
-  std = k / 255.0
-  std = (np.square(std) if cfg.quadratic_noise else std) * noise_scale  # the net's units
+  std, band = noise_level(np.arange(cfg.noise_min, cfg.noise_max + 1), cfg)
+  std = std * noise_scale  # the net's units
   out = []
   for b in range(LOSS_BINS):
     s = std[band == b]
