@@ -176,7 +176,7 @@ def test_forced_isa_errors_end_a_cli_in_one_line(tmp_path):
 def test_without_native_kernels_auto_is_xla_and_correct(setting, tmp_path):
   """No kernels (switched off, no compiler, a CPU without AVX2): 'auto' is XLA's convolution,
   with a log line saying why, and the same values as lax.conv."""
-  env = {"WCDM_JAX_CACHE": str(tmp_path)}
+  env = {"WCDM_JAX_CACHE": str(tmp_path), "WCDM_JAX_NATIVE_ISA": "auto"}  # not the caller's
   patch = ""
   if setting == "off":
     env["WCDM_JAX_NATIVE_ISA"] = "off"
