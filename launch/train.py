@@ -73,6 +73,9 @@ flags.DEFINE_float("loss_weight_floor", None, "Floor of the weighted losses' noi
                    "(image units for every net; default 4).")
 flags.DEFINE_float("loss_weight_power", None, "Raise the loss weights to this power, in [0, 1] "
                    "(0: unweighted; default: the recipe's).")
+flags.DEFINE_enum("noise_sampling", None, ["independent", "stratified"], "A batch's noise "
+                  "levels (default: the recipe's): drawn independently per image (the paper's), "
+                  "or 'stratified', one in each 1/batch of the range at a random shift.")
 flags.DEFINE_integer("batch_size", 512, "Global batch size.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("num_steps", 10000, "Steps of the finest net.", lower_bound=1)
@@ -131,7 +134,7 @@ def _number_or(text: str, word: str, flag: str) -> float | None:
 def _recipe_overrides() -> dict:
   """The recipe settings given on the command line (the others stay the recipe's)."""
   names = ("schedule", "warmup_steps", "ema_decay", "bn_momentum", "zero_init_output",
-           "loss_weighting", "loss_weight_floor", "loss_weight_power")
+           "loss_weighting", "loss_weight_floor", "loss_weight_power", "noise_sampling")
   out = {k: getattr(FLAGS, k) for k in names if getattr(FLAGS, k) is not None}
   if FLAGS.clip_factor is not None:
     out["clip_factor"] = _number_or(FLAGS.clip_factor, "none", "clip_factor")

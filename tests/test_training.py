@@ -242,7 +242,8 @@ def test_default_recipe_warms_up_then_follows_a_cosine(name, scale):
     (dict(ema_decay=1.0), "ema_decay must be in .0, 1."), (dict(ema_decay=-0.5), "ema_decay"),
     (dict(clip_factor=0.0), "clip_factor must be > 0"), (dict(clip_factor=-1.0), "clip_factor"),
     (dict(schedule="linear"), "schedule must be one of"), (dict(bn_momentum=0.0), "bn_momentum"),
-    (dict(recipe="fast"), "recipe must be one of")])
+    (dict(recipe="fast"), "recipe must be one of"),
+    (dict(noise_sampling="sobol"), "noise_sampling must be one of")])
 def test_recipe_settings_that_make_no_sense_are_one_line_errors(bad, match):
   with pytest.raises(ValueError, match=match):
     training.TrainConfig(**bad)
@@ -252,8 +253,9 @@ def test_recipes_differ_only_in_their_settings():
   paper, default = training.TrainConfig.from_recipe("paper"), training.TrainConfig()
   assert training.TrainConfig.from_recipe("default") == default
   assert (paper.schedule, paper.warmup_steps, paper.ema_decay, paper.clip_factor,
-          paper.gain_init, paper.bn_momentum, paper.loss_weighting) == (
-              "halving", 0, 0.0, None, None, 0.1, "none")
+          paper.gain_init, paper.bn_momentum, paper.loss_weighting, paper.noise_sampling) == (
+              "halving", 0, 0.0, None, None, 0.1, "none", "independent")
+  assert default.noise_sampling == "stratified"
   assert training.TrainConfig.from_recipe("paper", ema_decay=0.9).ema_decay == 0.9
 
 
@@ -322,6 +324,18 @@ def test_checkpoints_from_before_the_recipes_count_as_the_paper_recipe():
   changes = trainer.config_changes(meta, training.TrainConfig(), data.DataConfig())
   assert "recipe: checkpoint 'paper', this run 'default'" in changes
   assert "ema_decay: checkpoint 0.0, this run 0.999" in changes
+
+
+def test_checkpoints_from_before_stratified_noise_count_as_independent_draws():
+  """A default-recipe checkpoint written before noise_sampling existed drew its noise levels
+  independently: resuming it with today's default is refused (naming the setting) unless the
+  run asks for those draws."""
+  old = {f: v for f, v in dataclasses.asdict(training.TrainConfig()).items()
+         if f != "noise_sampling"}
+  changes = trainer.config_changes({"train_config": old}, training.TrainConfig(), data.DataConfig())
+  assert changes == ["noise_sampling: checkpoint 'independent', this run 'stratified'"]
+  assert trainer.config_changes({"train_config": old}, training.TrainConfig(
+      noise_sampling="independent"), data.DataConfig()) == []
 
 
 def test_a_resumed_state_takes_this_runs_loss_weighting():
@@ -423,6 +437,29 @@ def test_noise_bands_and_running_errors():
   d = training.LOSS_STATS_DECAY
   np.testing.assert_allclose(float(stats[2]), d * 2.0 + (1 - d) * 12.0, rtol=1e-6)
   assert training.init_loss_stats(training.TrainConfig.from_recipe("paper")) is None
+
+
+def test_stratified_noise_levels_span_the_range_in_every_batch():
+  """'stratified': every batch of 32 holds each of the 16 bands exactly twice, in random order,
+  and each level is still uniform over the range; 'independent' is the paper's plain draw."""
+  cfg = training.TrainConfig(noise_min=0, noise_max=255, noise_sampling="stratified")
+  first, ks = [], []
+  for s in range(300):
+    std, level = training.noise_draws(jax.random.key(s), 32, cfg)
+    assert np.all(np.bincount(np.asarray(level), minlength=training.LOSS_BINS) == 2)
+    ks.append(np.rint(np.sqrt(np.asarray(std, np.float64)) * 255).astype(int))
+    first.append(int(level[0]))
+  assert len(set(first)) == training.LOSS_BINS  # the first image's band is not always 0
+  counts = np.bincount(np.concatenate(ks), minlength=256)
+  assert counts.size == 256 and counts.min() >= 15 and counts.max() <= 60  # mean 37.5
+  exact = training.TrainConfig(noise_min=10, noise_max=41, quadratic_noise=False,
+                               noise_sampling="stratified")
+  std, _ = training.noise_draws(jax.random.key(1), 32, exact)  # one level per stratum
+  np.testing.assert_array_equal(np.sort(np.rint(np.asarray(std) * 255)), np.arange(10, 42))
+  key, paper = jax.random.key(3), training.TrainConfig.from_recipe("paper")
+  k = jax.random.randint(key, (32,), paper.noise_min, paper.noise_max + 1)
+  np.testing.assert_array_equal(training.noise_draws(key, 32, paper)[0],
+                                training.noise_level(k, paper)[0].astype(jnp.float32))
 
 
 @pytest.mark.parametrize("bad, match", [(dict(loss_weighting="l1"), "loss_weighting"),

@@ -1,10 +1,11 @@
 """Training the per-scale denoisers (method.md §4), data-parallel over every device.
 
 Two recipes (``RECIPES``): 'paper' is method.md §4 exactly; 'default' adds a linear warm-up,
-a cosine decay, an exponential moving average of the weights and a loss balanced over noise
-levels, which do better at the budgets of a CPU or of one accelerator-hour, where the paper's
-recipe, tuned for 500 epochs at batch 512, leaves the nets far from the identity at small
-noise (docs/training.md, benchmarks/bench_training.py).
+a cosine decay, an exponential moving average of the weights, a loss balanced over noise
+levels and noise levels stratified over each batch, which do better at the budgets of a CPU
+or of one accelerator-hour, where the paper's recipe, tuned for 500 epochs at batch 512,
+leaves the nets far from the identity at small noise (docs/training.md,
+benchmarks/bench_training.py).
 
 One jitted step per net. Batches are global ``jax.Array``s sharded along the batch axis of
 a 1-D device mesh (``"data"``) spanning all devices of all hosts; params are replicated.
@@ -15,7 +16,9 @@ Each net sees its part of the wavelet pyramid of the clean batch:
 - flat: the image; low: the coarsest low-pass x_J times U(0, 1) (intensity augmentation);
 - cond j: input [clean low-pass at level j, noisy details of level j]; noise only on the
   details, its range scaled by the largest detail magnitude of the training data.
-Noise: per image std = (k / 255), k ~ U{lo..hi}, squared when ``quadratic``; the loss is the
+Noise: per image std = (k / 255), k ~ U{lo..hi} (independently per image, the paper's; or, the
+default, stratified: one k in each 1/B of the range, so that every batch spans it), squared
+when ``quadratic``; the loss is the
 summed squared error between the net's output and the noise, divided by the batch size
 (``loss_weighting='none'``, the paper's); or each image's error divided by an estimate of the
 net's current error at its noise level (``'balanced'``, the default: a running mean per band of
@@ -45,15 +48,16 @@ from wcdm_jax import models, wavelets
 RECIPES = {
     "paper": dict(schedule="halving", warmup_steps=0, clip_factor=None, ema_decay=0.0,
                   gain_init=None, bn_momentum=0.1, zero_init_output=False,
-                  loss_weighting="none"),
+                  loss_weighting="none", noise_sampling="independent"),
     "default": dict(schedule="cosine", warmup_steps=-1, clip_factor=None, ema_decay=0.999,
                     gain_init=None, bn_momentum=0.1, zero_init_output=False,
-                    loss_weighting="balanced"),
+                    loss_weighting="balanced", noise_sampling="stratified"),
 }
 # What checkpoints written before the recipe fields existed were trained with.
 LEGACY_RECIPE = "paper"
 SCHEDULES = ("halving", "cosine")
 LOSS_WEIGHTINGS = ("none", "snr", "balanced")
+NOISE_SAMPLINGS = ("independent", "stratified")
 LOSS_BINS = 16            # 'balanced': bands of noise levels k with one running error each
 LOSS_STATS_DECAY = 0.99   # their moving average's decay per step
 COSINE_END = 0.01       # the cosine schedule ends at this fraction of the learning rate
@@ -97,6 +101,8 @@ class TrainConfig:
   # that noise level + floor^2); std the image's noise std, floor = loss_weight_floor / 255
   loss_weight_floor: float = 4.0   # in /255 units (image units for every net)
   loss_weight_power: float = 0.5   # the weights above to this power (0: unweighted)
+  noise_sampling: str = "stratified"  # a batch's noise levels: 'independent' draws (the
+  # paper's) or 'stratified': one per 1/B of the range, randomly shifted and shuffled
 
   def __post_init__(self):
     if self.dtype not in ("float32", "bfloat16"):
@@ -119,6 +125,9 @@ class TrainConfig:
     if self.loss_weighting not in LOSS_WEIGHTINGS:
       raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, "
                        f"got {self.loss_weighting!r}")
+    if self.noise_sampling not in NOISE_SAMPLINGS:
+      raise ValueError(f"noise_sampling must be one of {NOISE_SAMPLINGS}, "
+                       f"got {self.noise_sampling!r}")
     if not (np.isfinite(self.loss_weight_power) and 0 <= self.loss_weight_power <= 1):
       raise ValueError(f"loss_weight_power must be in [0, 1], got {self.loss_weight_power}")
     if not (np.isfinite(self.loss_weight_floor) and self.loss_weight_floor > 0):
@@ -270,8 +279,18 @@ def noise_level(k, cfg: TrainConfig):
 
 def noise_draws(key: jax.Array, n: int, cfg: TrainConfig) -> tuple[jax.Array, jax.Array]:
   """(n,) per-image noise std, in units of the clean signal's range, and (n,) its band of
-  noise levels: k ~ U{noise_min..noise_max} (``noise_level``)."""
-  k = jax.random.randint(key, (n,), cfg.noise_min, cfg.noise_max + 1)
+  noise levels (``noise_level``): k ~ U{noise_min..noise_max}, independent per image; or,
+  'stratified', the n images' levels one in each n-th of the range, at one random shift,
+  in random order (each k still uniform, but every batch spans the whole range, so its loss
+  and gradient vary less from batch to batch)."""
+  if cfg.noise_sampling == "independent":
+    k = jax.random.randint(key, (n,), cfg.noise_min, cfg.noise_max + 1)
+  else:
+    k_shift, k_order = jax.random.split(key)
+    u = (jnp.arange(n) + jax.random.uniform(k_shift)) / n  # (n,) in [0, 1)
+    width = cfg.noise_max - cfg.noise_min + 1
+    k = cfg.noise_min + jnp.minimum(jnp.floor(u * width).astype(jnp.int32), width - 1)
+    k = jax.random.permutation(k_order, k)
   std, band = noise_level(k, cfg)
   return std.astype(jnp.float32), band.astype(jnp.int32)
 
