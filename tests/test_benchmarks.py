@@ -117,3 +117,26 @@ def test_forced_isa_caps_xla_and_torch(isas, isa, capped):
     assert f"--xla_cpu_max_isa={capped}" in out["xla"] and isa in out["line"]
     assert out["onednn"] in ("AVX2", "SSE41") and out["aten"] in ("avx2", "default")
     assert out["late"] == "refused"
+
+
+def test_baselines_benchmark_scores_the_trainers_own_comparison(tmp_path):
+  """bench_baselines.py denoises exactly the held-out crops and noise of the trainer's final
+  comparison: its model and Gaussian rows equal the training log's last lines."""
+  import re  # pylint: disable=g-import-not-at-top
+  wd = str(tmp_path / "wd")
+  res = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "train.py"), f"--workdir={wd}",
+       "--data=embedded", "--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5",
+       "--num_layers=3", "--low_num_layers=3", "--features=8", "--batch_size=8",
+       "--num_steps=6", "--log_every=3", "--eval_every=6", "--checkpoint_every=6", "--seed=2"],
+      capture_output=True, text=True, timeout=600, env=cli_env(), cwd=REPO)
+  assert res.returncode == 0, res.stderr[-3000:]
+  logged = re.findall(r"held-out denoising, sigma ([\d.]+): model ([\d.-]+) dB, noisy [\d.-]+ dB, "
+                      r"best Gaussian filter ([\d.-]+) dB", res.stdout + res.stderr)
+  assert len(logged) == 4
+  out = _run("bench_baselines.py", "--image_size=16", "--seed=2", f"--models={wd}")
+  rows = {line.split("|")[1].strip(): re.findall(r"([\d.-]+) \(", line)
+          for line in out.splitlines() if line.startswith("| ") and "σ=" not in line}
+  assert [float(v) for v in rows[wd]] == pytest.approx([float(m) for _, m, _ in logged], abs=0.011)
+  assert [float(v) for v in rows["best Gaussian filter"]] == pytest.approx(
+      [float(g) for _, _, g in logged], abs=0.011)
