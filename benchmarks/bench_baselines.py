@@ -4,8 +4,7 @@ r"""How high the quickstart's bar is: its held-out crops denoised by classical b
   python benchmarks/bench_baselines.py --models=workdirs/quickstart
 
 The images and noise are exactly those of the trainer's final comparison for ``--seed``
-(``trainer.train``: ``eval_batch_size`` held-out crops of ``--data`` from
-``data.make_source(..., seed + 1, "eval")``, noise from ``jax.random.key(seed + 7)``), so the
+(``trainer.held_out_images``, ``trainer.comparison_key``, ``evaluation.noisy_copies``), so the
 rows line up with the last lines of a training log. Baselines: the noisy input; the Gaussian
 filter of the best of ``evaluation.GAUSSIAN_WIDTHS`` for these very images (the trainer's); and
 BM3D (the ``bm3d`` package from PyPI, optional: ``pip install bm3d``) given the true noise std,
@@ -21,7 +20,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 import wcdm_jax  # pylint: disable=g-import-not-at-top
-from wcdm_jax import data, evaluation  # pylint: disable=g-import-not-at-top
+from wcdm_jax import data, evaluation, trainer  # pylint: disable=g-import-not-at-top
 
 
 def bm3d_denoiser():
@@ -44,10 +43,8 @@ def main():
   args = parser.parse_args()
   sigmas = [float(s) for s in args.sigmas.split(",")]
   cfg = data.DataConfig(args.data, args.image_size, 1)
-  clean = jnp.asarray(data.make_source(cfg, args.num_images, args.seed + 1, "eval").batch(0))
-  key = jax.random.key(args.seed + 7)
-  noisy = [clean + s * jax.random.normal(jax.random.fold_in(key, i), clean.shape)
-           for i, s in enumerate(sigmas)]
+  clean = trainer.held_out_images(cfg, args.num_images, args.seed)
+  noisy = evaluation.noisy_copies(clean, sigmas, trainer.comparison_key(args.seed))
   score = lambda x: float(evaluation.psnr(jnp.asarray(x, jnp.float32), clean).mean())
   rows = {"noisy": [score(y) for y in noisy],
           "best Gaussian filter": [evaluation.best_gaussian_psnr(y, clean)[0] for y in noisy]}
@@ -57,7 +54,10 @@ def main():
   else:
     rows["BM3D (true noise std)"] = [score(bm3d(y, s)) for y, s in zip(noisy, sigmas)]
   for name in filter(None, args.models.split(",")):
-    params = wcdm_jax.load_params(name)
+    try:
+      params = wcdm_jax.load_params(name)
+    except (OSError, ValueError) as e:
+      parser.error(f"--models: {e}")
     den = jax.jit(lambda y, p=params: wcdm_jax.denoise(p, y))
     rows[name] = [score(den(y)) for y in noisy]
   gauss = rows["best Gaussian filter"]

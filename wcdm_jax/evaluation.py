@@ -86,6 +86,13 @@ def band_mse(x: jax.Array, ref: jax.Array, spec: models.ModelSpec) -> dict[str, 
   return out
 
 
+def noisy_copies(clean: jax.Array, sigmas: Sequence[float], key: jax.Array) -> list[jax.Array]:
+  """``clean`` (B, H, W, C) plus Gaussian noise of each std in ``sigmas``, the i-th from
+  ``key`` folded with i: the noisy inputs of ``compare_with_gaussian``."""
+  return [clean + s * jax.random.normal(jax.random.fold_in(key, i), clean.shape)
+          for i, s in enumerate(sigmas)]
+
+
 def compare_with_gaussian(params: models.ModelParams, clean: jax.Array,
                           sigmas: Sequence[float], key: jax.Array) -> list[dict]:
   """For each noise std: mean PSNR of the noisy images, of the model's denoising and of the
@@ -94,8 +101,7 @@ def compare_with_gaussian(params: models.ModelParams, clean: jax.Array,
   loses can be traced to the net that loses."""
   den = jax.jit(lambda y: denoising.denoise(params, y))
   rows = []
-  for i, s in enumerate(sigmas):
-    y = clean + s * jax.random.normal(jax.random.fold_in(key, i), clean.shape)
+  for s, y in zip(sigmas, noisy_copies(clean, sigmas, key)):
     gauss, width = best_gaussian_psnr(y, clean)
     out = den(y)
     errs = {what: band_mse(a, clean, params.spec)

@@ -64,6 +64,17 @@ def _net_names(spec: models.ModelSpec, nets: Sequence[str]) -> list[str]:
   return [n for n in names if n in chosen]
 
 
+def held_out_images(data_cfg: data.DataConfig, n: int, seed: int) -> jax.Array:
+  """(n, S, S, C) held-out images a run of ``seed`` evaluates on: its per-scale PSNR and its
+  final comparison with the Gaussian filter (``comparison_key`` draws that one's noise)."""
+  return jnp.asarray(data.make_source(data_cfg, n, seed + 1, "eval").batch(0))
+
+
+def comparison_key(seed: int) -> jax.Array:
+  """The key of the final comparison's noise (``evaluation.compare_with_gaussian``)."""
+  return jax.random.key(seed + 7)
+
+
 # What a train_config saved before the recipe fields existed stands for (LEGACY_RECIPE's values).
 _LEGACY_SETTINGS = dict(training.RECIPES[training.LEGACY_RECIPE], recipe=training.LEGACY_RECIPE)
 
@@ -179,8 +190,7 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
   checkpoints.check_spec(run.workdir, spec)
   pi, pc = jax.process_index(), jax.process_count()
   source = data.make_source(data_cfg, cfg.batch_size, cfg.seed, "train", pi, pc)
-  eval_images = jnp.asarray(data.make_source(data_cfg, run.eval_batch_size, cfg.seed + 1,
-                                             "eval").batch(0))
+  eval_images = held_out_images(data_cfg, run.eval_batch_size, cfg.seed)
   rows = source.host_slice
   log(f"devices: {n_dev} ({jax.devices()[0].platform}); hosts: {pc}; nets: {names}; "
       f"global batch {cfg.batch_size}, of which process {pi} reads rows {rows.start}:{rows.stop}")
@@ -269,7 +279,7 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
                                  os.path.join(run.workdir, "denoising.png"), log=log)
     log(f"wrote {path}")
     final[DENOISING] = evaluation.compare_with_gaussian(
-        _params(spec, variables), eval_images, run.compare_sigmas, jax.random.key(cfg.seed + 7))
+        _params(spec, variables), eval_images, run.compare_sigmas, comparison_key(cfg.seed))
   return final
 
 

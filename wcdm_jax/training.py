@@ -18,13 +18,12 @@ Each net sees its part of the wavelet pyramid of the clean batch:
   details, its range scaled by the largest detail magnitude of the training data.
 Noise: per image std = (k / 255), k ~ U{lo..hi} (independently per image, the paper's; or, the
 default, stratified: one k in each 1/B of the range, so that every batch spans it), squared
-when ``quadratic``; the loss is the
-summed squared error between the net's output and the noise, divided by the batch size
-(``loss_weighting='none'``, the paper's); or each image's error divided by an estimate of the
-net's current error at its noise level (``'balanced'``, the default: a running mean per band of
-noise levels, kept in the train state), so that every noise level counts by its *relative*
-error, which is what a PSNR averaged over noise levels measures; or divided by the noise
-variance (``'snr'``). See ``loss_weights``.
+when ``quadratic``; the loss is the summed squared error between the net's output and the
+noise, divided by the batch size (``loss_weighting='none'``, the paper's); or each image's
+error divided by an estimate of the net's current error at its noise level (``'balanced'``,
+the default: a running mean per band of noise levels, kept in the train state), so that every
+noise level counts by its *relative* error, which is what a PSNR averaged over noise levels
+measures; or divided by the noise variance (``'snr'``). See ``loss_weights``.
 """
 from __future__ import annotations
 
