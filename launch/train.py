@@ -86,7 +86,13 @@ flags.DEFINE_float("level_multiplier", 4.0, "Net at level j trains multiplier**j
 flags.DEFINE_integer("noise_min", 0, "Smallest noise std, /255.", lower_bound=0)
 flags.DEFINE_integer("noise_max", 255, "Largest noise std, /255.", lower_bound=0)
 flags.DEFINE_bool("quadratic_noise", True, "Square the sampled std (favours small noise).")
-flags.DEFINE_bool("intensity_augmentation", True, "Scale low-pass images by U(0, 1).")
+flags.DEFINE_bool("intensity_augmentation", True, "Scale each image's clean signal by "
+                  "U(0, 1) for the nets --intensity_augmentation_nets names.")
+flags.DEFINE_enum("intensity_augmentation_nets", None, ["low", "multiscale", "all"], "Nets "
+                  "whose images are intensity-augmented (default: the recipe's): 'low' = the "
+                  "low-pass net only (the paper's); 'multiscale' = also the conditional nets "
+                  "(details with their conditioning low-pass), which then denoise noise above "
+                  "their range (the default recipe's); 'all' = also flat nets.")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, noise and data order.")
 flags.DEFINE_enum("conv_impl", "auto", ["auto", "native", "xla", "xla_autodiff", "matmul"],
                   "How convolutions run: auto = the native kernels of the CPU's ISA (AVX-512, "
@@ -134,7 +140,8 @@ def _number_or(text: str, word: str, flag: str) -> float | None:
 def _recipe_overrides() -> dict:
   """The recipe settings given on the command line (the others stay the recipe's)."""
   names = ("schedule", "warmup_steps", "ema_decay", "bn_momentum", "zero_init_output",
-           "loss_weighting", "loss_weight_floor", "loss_weight_power", "noise_sampling")
+           "loss_weighting", "loss_weight_floor", "loss_weight_power", "noise_sampling",
+           "intensity_augmentation_nets")
   out = {k: getattr(FLAGS, k) for k in names if getattr(FLAGS, k) is not None}
   if FLAGS.clip_factor is not None:
     out["clip_factor"] = _number_or(FLAGS.clip_factor, "none", "clip_factor")

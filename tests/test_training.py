@@ -11,6 +11,7 @@ from wcdm_jax import checkpoints, data, models, trainer, training, wavelets
 
 TINY = models.multiscale_spec(2, cond_rf=5, low_rf=7, image_size=(16, 16), num_layers=4,
                               low_num_layers=4, features=8)
+FLAT = models.ModelSpec(low=models.flat_spec(5, num_layers=3, features=8), image_size=(16, 16))
 
 
 def _state_and_step(spec, name, cfg, devices):
@@ -100,7 +101,8 @@ def test_one_net_per_job_and_load_params(tmp_path):
 
 
 def test_schedule_and_noise():
-  cfg = training.TrainConfig(num_steps=100, lr_halve_every=10, level_multiplier=4.0)
+  cfg = training.TrainConfig(num_steps=100, lr_halve_every=10, level_multiplier=4.0,
+                             intensity_augmentation_nets="low")
   assert training.net_num_steps(TINY, "cond0", cfg) == 100
   assert training.net_num_steps(TINY, "cond1", cfg) == 400
   assert training.net_num_steps(TINY, "low", cfg) == 400
@@ -198,6 +200,38 @@ def test_each_net_sees_its_part_of_the_pyramid():
   assert 0 < float(ratio.min()) and float(ratio.max()) < 1
 
 
+def _factors(clean, ref):
+  """(B,) one factor per image from clean = factor * ref, checked to be one per image."""
+  ratio = (clean / ref)[..., 0]
+  assert float(jnp.std(ratio, (1, 2)).max()) < 1e-4
+  return np.asarray(ratio.mean((1, 2)))
+
+
+@pytest.mark.parametrize("nets", ["low", "multiscale", "all"])
+def test_intensity_augmentation_reaches_the_nets_it_names(nets):
+  """'low' (the paper's): only the low-pass net's images are dimmed; 'multiscale' (the
+  default): also a conditional net's details together with its conditioning low-pass, by one
+  U(0, 1) factor per image, so the example stays a consistent pyramid; 'all': also flat nets."""
+  x = 0.1 + jax.random.uniform(jax.random.key(0), (4, 16, 16, 1))
+  pyr = wcdm_jax.decompose(x, 2)
+  cfg = training.TrainConfig(intensity_augmentation_nets=nets)
+  assert training.TrainConfig().intensity_augmentation_nets == "multiscale"
+  noisy, noise, *_ = training.net_example(TINY, "cond1", x, jax.random.key(1), cfg)
+  low_f = _factors(noisy[..., :1], pyr.low)
+  det_f = _factors(noisy[..., 1:2] - noise[..., :1], pyr.details[1][..., :1])
+  np.testing.assert_allclose(low_f, det_f, rtol=1e-4)
+  noisy, noise, *_ = training.net_example(FLAT, "flat", x, jax.random.key(1), cfg)
+  flat_f = _factors(noisy - noise, x)
+  for f, on in ((low_f, nets != "low"), (flat_f, nets == "all")):
+    if on:
+      assert 0 < f.min() and f.max() < 1 and f.std() > 0.01
+    else:
+      np.testing.assert_allclose(f, 1.0, rtol=1e-5)
+  off = dataclasses.replace(cfg, intensity_augmentation=False)
+  noisy, noise, *_ = training.net_example(FLAT, "flat", x, jax.random.key(1), off)
+  np.testing.assert_allclose(_factors(noisy - noise, x), 1.0, rtol=1e-5)
+
+
 def test_trim_metrics_drops_only_rows_after_each_nets_resumed_step(tmp_path):
   path = tmp_path / "metrics.jsonl"
   rows = [{"step": 2, "low/loss": 1.0, "cond0/loss": 2.0, "steps_per_s": 1.0},
@@ -243,7 +277,8 @@ def test_default_recipe_warms_up_then_follows_a_cosine(name, scale):
     (dict(clip_factor=0.0), "clip_factor must be > 0"), (dict(clip_factor=-1.0), "clip_factor"),
     (dict(schedule="linear"), "schedule must be one of"), (dict(bn_momentum=0.0), "bn_momentum"),
     (dict(recipe="fast"), "recipe must be one of"),
-    (dict(noise_sampling="sobol"), "noise_sampling must be one of")])
+    (dict(noise_sampling="sobol"), "noise_sampling must be one of"),
+    (dict(intensity_augmentation_nets="cond"), "intensity_augmentation_nets must be one of")])
 def test_recipe_settings_that_make_no_sense_are_one_line_errors(bad, match):
   with pytest.raises(ValueError, match=match):
     training.TrainConfig(**bad)
@@ -253,9 +288,10 @@ def test_recipes_differ_only_in_their_settings():
   paper, default = training.TrainConfig.from_recipe("paper"), training.TrainConfig()
   assert training.TrainConfig.from_recipe("default") == default
   assert (paper.schedule, paper.warmup_steps, paper.ema_decay, paper.clip_factor,
-          paper.gain_init, paper.bn_momentum, paper.loss_weighting, paper.noise_sampling) == (
-              "halving", 0, 0.0, None, None, 0.1, "none", "independent")
-  assert default.noise_sampling == "stratified"
+          paper.gain_init, paper.bn_momentum, paper.loss_weighting, paper.noise_sampling,
+          paper.intensity_augmentation_nets) == (
+              "halving", 0, 0.0, None, None, 0.1, "none", "independent", "low")
+  assert (default.noise_sampling, default.intensity_augmentation_nets) == ("stratified", "multiscale")
   assert training.TrainConfig.from_recipe("paper", ema_decay=0.9).ema_decay == 0.9
 
 
@@ -336,6 +372,17 @@ def test_checkpoints_from_before_stratified_noise_count_as_independent_draws():
   assert changes == ["noise_sampling: checkpoint 'independent', this run 'stratified'"]
   assert trainer.config_changes({"train_config": old}, training.TrainConfig(
       noise_sampling="independent"), data.DataConfig()) == []
+
+
+def test_checkpoints_from_before_augmenting_every_net_count_as_low_pass_only():
+  """A checkpoint written before intensity_augmentation_nets existed augmented the low-pass
+  net only: resuming it with today's default is refused, naming the setting."""
+  cfg = training.TrainConfig()
+  old = {f: v for f, v in dataclasses.asdict(cfg).items() if f != "intensity_augmentation_nets"}
+  changes = trainer.config_changes({"train_config": old}, cfg, data.DataConfig())
+  assert changes == ["intensity_augmentation_nets: checkpoint 'low', this run 'multiscale'"]
+  assert trainer.config_changes({"train_config": old}, dataclasses.replace(
+      cfg, intensity_augmentation_nets="low"), data.DataConfig()) == []
 
 
 def test_a_resumed_state_takes_this_runs_loss_weighting():

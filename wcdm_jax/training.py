@@ -13,9 +13,12 @@ Batch-norm statistics and gradients are means over the *global* batch, so one st
 the same result on any number of devices.
 
 Each net sees its part of the wavelet pyramid of the clean batch:
-- flat: the image; low: the coarsest low-pass x_J times U(0, 1) (intensity augmentation);
+- flat: the image; low: the coarsest low-pass x_J;
 - cond j: input [clean low-pass at level j, noisy details of level j]; noise only on the
   details, its range scaled by the largest detail magnitude of the training data.
+Intensity augmentation scales each image's clean signal by U(0, 1): the paper's for the
+low-pass net only; the default also for the conditional nets, which teaches them noise above
+their range, where multi-scale denoising at high noise takes them (docs/training.md).
 Noise: per image std = (k / 255), k ~ U{lo..hi} (independently per image, the paper's; or, the
 default, stratified: one k in each 1/B of the range, so that every batch spans it), squared
 when ``quadratic``; the loss is the summed squared error between the net's output and the
@@ -47,16 +50,19 @@ from wcdm_jax import models, wavelets
 RECIPES = {
     "paper": dict(schedule="halving", warmup_steps=0, clip_factor=None, ema_decay=0.0,
                   gain_init=None, bn_momentum=0.1, zero_init_output=False,
-                  loss_weighting="none", noise_sampling="independent"),
+                  loss_weighting="none", noise_sampling="independent",
+                  intensity_augmentation_nets="low"),
     "default": dict(schedule="cosine", warmup_steps=-1, clip_factor=None, ema_decay=0.999,
                     gain_init=None, bn_momentum=0.1, zero_init_output=False,
-                    loss_weighting="balanced", noise_sampling="stratified"),
+                    loss_weighting="balanced", noise_sampling="stratified",
+                    intensity_augmentation_nets="multiscale"),
 }
 # What checkpoints written before the recipe fields existed were trained with.
 LEGACY_RECIPE = "paper"
 SCHEDULES = ("halving", "cosine")
 LOSS_WEIGHTINGS = ("none", "snr", "balanced")
 NOISE_SAMPLINGS = ("independent", "stratified")
+AUGMENTED_NETS = ("low", "multiscale", "all")
 LOSS_BINS = 16            # 'balanced': bands of noise levels k with one running error each
 LOSS_STATS_DECAY = 0.99   # their moving average's decay per step
 COSINE_END = 0.01       # the cosine schedule ends at this fraction of the learning rate
@@ -78,7 +84,7 @@ class TrainConfig:
   noise_min: int = 0               # noise std range in /255 units
   noise_max: int = 255
   quadratic_noise: bool = True
-  intensity_augmentation: bool = True  # low-pass net only
+  intensity_augmentation: bool = True  # clean signal x U(0, 1), per image: see net_example
   seed: int = 0
   conv_impl: str = "auto"
   remat: bool = False
@@ -102,6 +108,9 @@ class TrainConfig:
   loss_weight_power: float = 0.5   # the weights above to this power (0: unweighted)
   noise_sampling: str = "stratified"  # a batch's noise levels: 'independent' draws (the
   # paper's) or 'stratified': one per 1/B of the range, randomly shifted and shuffled
+  intensity_augmentation_nets: str = "multiscale"  # the nets it applies to: 'low' (the
+  # paper's: the low-pass net only), 'multiscale' (also the conditional nets: their details
+  # with their conditioning low-pass) or 'all' (also flat nets)
 
   def __post_init__(self):
     if self.dtype not in ("float32", "bfloat16"):
@@ -127,6 +136,9 @@ class TrainConfig:
     if self.noise_sampling not in NOISE_SAMPLINGS:
       raise ValueError(f"noise_sampling must be one of {NOISE_SAMPLINGS}, "
                        f"got {self.noise_sampling!r}")
+    if self.intensity_augmentation_nets not in AUGMENTED_NETS:
+      raise ValueError(f"intensity_augmentation_nets must be one of {AUGMENTED_NETS}, "
+                       f"got {self.intensity_augmentation_nets!r}")
     if not (np.isfinite(self.loss_weight_power) and 0 <= self.loss_weight_power <= 1):
       raise ValueError(f"loss_weight_power must be in [0, 1], got {self.loss_weight_power}")
     if not (np.isfinite(self.loss_weight_floor) and self.loss_weight_floor > 0):
@@ -306,10 +318,23 @@ class Example(NamedTuple):
   level: jax.Array  # (B,) int32: the band of noise levels it was drawn from (0..LOSS_BINS-1)
 
 
+def augmented(kind: str, cfg: TrainConfig) -> bool:
+  """Whether a net of ``kind`` ('flat' | 'low' | 'cond') has its images intensity-augmented."""
+  nets = {"low": ("low",), "multiscale": ("low", "cond"), "all": ("low", "cond", "flat")}
+  return cfg.intensity_augmentation and kind in nets[cfg.intensity_augmentation_nets]
+
+
 def net_example(spec: models.ModelSpec, name: str, images: jax.Array, key: jax.Array,
                 cfg: TrainConfig, noise_scale: float = 1.0) -> Example:
   """The named net's example (noisy input, target noise, noise std, noise band) for a clean
-  batch (B, H, W, C)."""
+  batch (B, H, W, C).
+
+  Intensity augmentation multiplies each image's clean signal by a ~ U(0, 1) (a conditional
+  net's details and its conditioning low-pass alike). The nets are homogeneous, f(a y) =
+  a f(y), so an image dimmed by a under noise s is the image under noise s / a: the
+  augmented nets see every signal-to-noise ratio down to 0, and beyond the top of the noise
+  range they denoise as they were trained to instead of extrapolating (docs/training.md).
+  """
   net = spec.nets[name]
   k_std, k_noise, k_int = jax.random.split(key, 3)
   b = images.shape[0]
@@ -321,10 +346,12 @@ def net_example(spec: models.ModelSpec, name: str, images: jax.Array, key: jax.A
     lows, details = wavelets.analysis(images, spec.levels, spec.wavelet, spec.mode)
     if net.kind == "low":
       clean, cond = lows[-1], None
-      if cfg.intensity_augmentation:
-        clean = clean * jax.random.uniform(k_int, (b, 1, 1, 1))
     else:
       clean, cond = details[net.level], lows[net.level]
+  if augmented(net.kind, cfg):
+    a = jax.random.uniform(k_int, (b, 1, 1, 1))
+    clean = clean * a
+    cond = None if cond is None else cond * a
   noise = jax.random.normal(k_noise, clean.shape, clean.dtype) * std[:, None, None, None]
   noisy = clean + noise
   return Example(noisy if cond is None else jnp.concatenate([cond, noisy], -1), noise, std,
