@@ -62,7 +62,9 @@ LEGACY_RECIPE = "paper"
 SCHEDULES = ("halving", "cosine")
 LOSS_WEIGHTINGS = ("none", "snr", "balanced")
 NOISE_SAMPLINGS = ("independent", "stratified")
-AUGMENTED_NETS = ("low", "multiscale", "all")
+# intensity_augmentation_nets -> the kinds of net it augments
+AUGMENTED_KINDS = {"low": ("low",), "multiscale": ("low", "cond"), "all": ("low", "cond", "flat")}
+AUGMENTED_NETS = tuple(AUGMENTED_KINDS)
 LOSS_BINS = 16            # 'balanced': bands of noise levels k with one running error each
 LOSS_STATS_DECAY = 0.99   # their moving average's decay per step
 COSINE_END = 0.01       # the cosine schedule ends at this fraction of the learning rate
@@ -320,8 +322,7 @@ class Example(NamedTuple):
 
 def augmented(kind: str, cfg: TrainConfig) -> bool:
   """Whether a net of ``kind`` ('flat' | 'low' | 'cond') has its images intensity-augmented."""
-  nets = {"low": ("low",), "multiscale": ("low", "cond"), "all": ("low", "cond", "flat")}
-  return cfg.intensity_augmentation and kind in nets[cfg.intensity_augmentation_nets]
+  return cfg.intensity_augmentation and kind in AUGMENTED_KINDS[cfg.intensity_augmentation_nets]
 
 
 def net_example(spec: models.ModelSpec, name: str, images: jax.Array, key: jax.Array,
