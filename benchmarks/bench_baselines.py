@@ -2,6 +2,7 @@ r"""How high the quickstart's bar is: its held-out crops denoised by classical b
 
   python benchmarks/bench_baselines.py                        # noisy, best Gaussian, BM3D
   python benchmarks/bench_baselines.py --models=workdirs/quickstart
+  python benchmarks/bench_baselines.py --data=embedded        # the photographs' held-out crops
 
 The images and noise are exactly those of the trainer's final comparison for ``--seed``
 (``trainer.held_out_images``, ``trainer.comparison_key``, ``evaluation.noisy_copies``), so the
@@ -34,7 +35,7 @@ def bm3d_denoiser():
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", default="embedded")
+  parser.add_argument("--data", default="deadleaves", help="the run's --data (the quickstart's)")
   parser.add_argument("--image_size", type=int, default=64)
   parser.add_argument("--num_images", type=int, default=16, help="the trainer's eval_batch_size")
   parser.add_argument("--seed", type=int, default=0, help="the training run's --seed")

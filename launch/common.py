@@ -82,7 +82,8 @@ def load_images(images: str, size: int, channels: int, crop: str, num_images: in
                 split: str = "all", eval_fraction: float = 0.1):
   """The first ``num_images`` images (by file name) of a source as float32 (N, S, S, C);
   split='eval' takes them from the held-out last ``eval_fraction`` that train.py leaves out,
-  split='train' from the rest (the embedded photographs: crops of either share; 'all' = 'eval').
+  split='train' from the rest (the embedded photographs and dead leaves: crops of either share;
+  'all' = 'eval').
   'npz:PATH[:KEY]' reads an array (default key 'samples', e.g. sample.py's samples.npz).
   Ends the program with one line when the source cannot be read."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -99,14 +100,15 @@ def load_images(images: str, size: int, channels: int, crop: str, num_images: in
     return x
   split_off = split in ("eval", "train")
   is_folder = images.startswith("folder:")
-  if images == "embedded":
+  crops = images in data.CROP_SOURCES
+  if crops:
     split = "train" if split == "train" else "eval"
   try:
     cfg = data.DataConfig(images, size, channels, crop,
                           eval_fraction=eval_fraction if split_off else 0.0, flips=False,
                           max_images=num_images if is_folder and split == "all" else 0)
     src = data.make_source(cfg, num_images, 0, split)
-    if images == "embedded":
+    if crops:
       return src.batch(0)
     return src.fetch(np.arange(min(num_images, src.num_examples)))
   except (ValueError, ImportError) as e:

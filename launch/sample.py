@@ -36,6 +36,8 @@ flags.DEFINE_float("low_beta", 0.01, "Low-pass ascent: beta (1 = no injected noi
 flags.DEFINE_float("low_sigma_L", 0.1, "Low-pass ascent: final noise level.")
 flags.DEFINE_bool("low_ascending", False, "Low-pass ascent: ascending step sizes.")
 flags.DEFINE_integer("low_max_steps", 15000, "Low-pass ascent: maximum steps.", lower_bound=1)
+flags.DEFINE_float("low_mean_0", 0.0, "Low-pass ascent: mean of the initial state (the authors' "
+                   "0, with --low_rescale; the data's mean grey, e.g. 0.5, needs no rescale).")
 flags.DEFINE_float("cond_h0", 0.01, "Conditional ascents: step size.")
 flags.DEFINE_float("cond_beta", 0.5, "Conditional ascents: beta.")
 flags.DEFINE_float("cond_sigma_L", 0.01, "Conditional ascents: final noise level.")
@@ -64,7 +66,8 @@ def main(argv):
 
   try:
     low_cfg = sampling.AscentConfig(FLAGS.low_h0, FLAGS.low_beta, 1.0, FLAGS.low_sigma_L,
-                                    FLAGS.low_ascending, FLAGS.low_max_steps)
+                                    FLAGS.low_ascending, FLAGS.low_max_steps,
+                                    mean_0=FLAGS.low_mean_0)
     cond = sampling.AscentConfig(FLAGS.cond_h0, FLAGS.cond_beta, 1.0, FLAGS.cond_sigma_L,
                                  FLAGS.cond_ascending, FLAGS.cond_max_steps)
     rescale = tuple(float(v) for v in FLAGS.low_rescale) or None

@@ -126,7 +126,7 @@ def test_baselines_benchmark_scores_the_trainers_own_comparison(tmp_path):
   wd = str(tmp_path / "wd")
   res = subprocess.run(
       [sys.executable, os.path.join(REPO, "launch", "train.py"), f"--workdir={wd}",
-       "--data=embedded", "--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5",
+       "--data=deadleaves", "--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5",
        "--num_layers=3", "--low_num_layers=3", "--features=8", "--batch_size=8",
        "--num_steps=6", "--log_every=3", "--eval_every=6", "--checkpoint_every=6", "--seed=2"],
       capture_output=True, text=True, timeout=600, env=cli_env(), cwd=REPO)

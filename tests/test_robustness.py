@@ -152,6 +152,8 @@ API_CASES = [
      "sigma_L must be > 0"),
     ("ascent-abort", lambda t: sampling.AscentConfig(abort_sigma=-1.0), ValueError,
      "abort_sigma must be > 0"),
+    ("ascent-mean", lambda t: sampling.AscentConfig(mean_0=float("nan")), ValueError,
+     "mean_0 must be a finite number"),
     # super_resolve
     ("sr-flat", lambda t: wcdm_jax.super_resolve(KEY, FLAT, jnp.zeros((1, 4, 4, 1))), ValueError,
      "needs a multi-scale model"),

@@ -1,3 +1,4 @@
+import dataclasses
 import warnings
 
 import jax
@@ -123,6 +124,20 @@ def test_abort_when_sigma_explodes():
   out, info = sampling.ascent(keys, lambda y: 3.0 * y, (4, 4, 1), cfg)
   assert np.all(np.asarray(info.aborted)) and not np.any(np.asarray(info.converged))
   assert np.all(np.asarray(info.steps) == 0)
+
+
+def test_initial_mean_shifts_the_default_initial_state():
+  """mean_0 starts the ascent at mean_0 + sigma_0 N(0, I): with beta = 1 and a linear
+  residual the whole trajectory is that start scaled, so the output is the default run's
+  plus the mean scaled the same way."""
+  keys = jax.random.split(jax.random.key(1), 3)
+  cfg = sampling.AscentConfig(max_steps=5, beta=1.0, sigma_L=1e-6)
+  shifted = dataclasses.replace(cfg, mean_0=0.5)
+  run = lambda c: sampling.ascent(keys, lambda y: 0.5 * y, (4, 4, 1), c)[0]
+  h = np.asarray(sampling.step_size(jnp.arange(1, 6), cfg))
+  gain = 0.5 * np.prod(1 - 0.5 * h)
+  np.testing.assert_allclose(run(shifted), run(cfg) + 0.5 * gain, rtol=1e-5, atol=1e-6)
+  assert abs(float(jnp.mean(run(cfg)))) < 0.1 * gain
 
 
 def test_explicit_initial_state_and_shapes():

@@ -8,6 +8,9 @@ Sources (``make_source(spec)``):
 - ``"embedded"``: random crops and flips of the natural photographs bundled with PyWavelets
   (``camera``, ``ascent``, ``aero``), at scales 1 and 1/2; no download. The bottom quarter of
   each photograph is held out for the ``eval`` split.
+- ``"deadleaves"``: random crops and flips of dead-leaves canvases (``wcdm_jax.dead_leaves``),
+  rendered once when the source is made: a fixed data set (the same canvases for every run
+  and host), grey or colour, its ``eval`` split other canvases; no download.
 - ``"folder:/path"``: every PNG/JPEG below a folder, decoded on demand (nothing of the dataset
   is held in memory; ``wcdm_jax.pipeline`` decodes in parallel workers ahead of the step).
 - ``"tfds:name[:split]"``: a tensorflow-datasets source read by random access
@@ -36,8 +39,11 @@ import grain
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from wcdm_jax import dead_leaves
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _SPLIT_IDS = {"train": 0, "eval": 1, "all": 2}
+CROP_SOURCES = ("embedded", "deadleaves")  # in-memory sources whose batches are random crops
 _CELEBA_CROPS = {(218, 178): (29, 29, 9, 9), (109, 89): (14, 15, 4, 5)}
 
 
@@ -211,7 +217,28 @@ class Source:
     raise NotImplementedError
 
 
-class EmbeddedSource(Source):
+class CropSource(Source):
+  """Random (S, S) crops of images held in memory (``self.images``, each (h, w, C)), flipped
+  at random when the config says so; the batch of a step is a pure function of (seed, split,
+  step). Crops cost microseconds: such sources need no parallel decoders."""
+  images: list[np.ndarray]
+
+  def batch(self, step: int) -> np.ndarray:
+    s, c = self.cfg.image_size, self.images[0].shape[-1]
+    rng = self._rng(step)
+    out = np.empty((self.batch_size, s, s, c), np.float32)
+    idx = rng.integers(len(self.images), size=self.batch_size)
+    for b, i in enumerate(idx):
+      im = self.images[i]
+      top = rng.integers(im.shape[0] - s + 1)
+      left = rng.integers(im.shape[1] - s + 1)
+      out[b] = im[top:top + s, left:left + s]
+    if self.cfg.flips:
+      out = _flip(rng, out)
+    return out[self.host_slice]
+
+
+class EmbeddedSource(CropSource):
   """Random crops and flips of PyWavelets' bundled photographs (grey)."""
   NAMES = ("camera", "ascent", "aero")
 
@@ -234,19 +261,26 @@ class EmbeddedSource(Source):
       raise ValueError(f"image_size {cfg.image_size} is too large for the embedded data (max 128)")
     self.num_examples = 10_000  # nominal epoch length, for epoch-based schedules
 
-  def batch(self, step: int) -> np.ndarray:
-    s = self.cfg.image_size
-    rng = self._rng(step)
-    out = np.empty((self.batch_size, s, s, 1), np.float32)
-    idx = rng.integers(len(self.images), size=self.batch_size)
-    for b, i in enumerate(idx):
-      im = self.images[i]
-      top = rng.integers(im.shape[0] - s + 1)
-      left = rng.integers(im.shape[1] - s + 1)
-      out[b] = im[top:top + s, left:left + s]
-    if self.cfg.flips:
-      out = _flip(rng, out)
-    return out[self.host_slice]
+
+class DeadLeavesSource(CropSource):
+  """Random crops and flips of dead-leaves canvases of CANVAS image sides, rendered once from
+  fixed seeds (CANVASES[split] of them; 'all' = both splits'). The discs' radii are fractions
+  of the image size (``dead_leaves.DeadLeaves``), so every ``image_size`` sees the same
+  ensemble at its own resolution."""
+  CANVAS = 4
+  CANVASES = {"train": 48, "eval": 8}
+  SEED = 20230501  # the data set's, not a run's: every run and host renders the same canvases
+
+  def __init__(self, cfg: DataConfig, *args, **kwargs):
+    super().__init__(cfg, *args, **kwargs)
+    s = cfg.image_size
+    model = dead_leaves.DeadLeaves()
+    splits = ("train", "eval") if self.split == "all" else (self.split,)
+    self.images = [
+        dead_leaves.render(np.random.default_rng([self.SEED, _SPLIT_IDS[split], i]),
+                           self.CANVAS * s, self.CANVAS * s, s, cfg.channels, model)
+        for split in splits for i in range(self.CANVASES[split])]
+    self.num_examples = 10_000  # nominal epoch length, for epoch-based schedules
 
 
 class ArraySource(Source):
@@ -403,10 +437,13 @@ def _split_range(n: int, split: str, eval_fraction: float) -> range:
 
 def make_source(cfg: DataConfig, batch_size: int, seed: int = 0, split: str = "train",
                 process_index: int = 0, process_count: int = 1) -> Source:
-  """The source named by ``cfg.source`` ('embedded', 'folder:PATH' or 'tfds:NAME[:SPLIT]')."""
+  """The source named by ``cfg.source`` ('embedded', 'deadleaves', 'folder:PATH' or
+  'tfds:NAME[:SPLIT]')."""
   args = (batch_size, seed, split, process_index, process_count)
   if cfg.source == "embedded":
     return EmbeddedSource(cfg, *args)
+  if cfg.source == "deadleaves":
+    return DeadLeavesSource(cfg, *args)
   if cfg.source.startswith("folder:"):
     reader = folder_reader(cfg.source[len("folder:"):], cfg)
     rows = _split_range(len(reader.files), split, cfg.eval_fraction)
@@ -414,8 +451,8 @@ def make_source(cfg: DataConfig, batch_size: int, seed: int = 0, split: str = "t
     return ArraySource(cfg, reader, len(reader.files), *args)
   if cfg.source.startswith("tfds:"):
     return _tfds_source(cfg, split, args)
-  raise ValueError(f"unknown data source {cfg.source!r}: use 'embedded', 'folder:/path/to/images'"
-                   " or 'tfds:name[:split]'")
+  raise ValueError(f"unknown data source {cfg.source!r}: use 'embedded', 'deadleaves', "
+                   "'folder:/path/to/images' or 'tfds:name[:split]'")
 
 
 def _tfds_source(cfg: DataConfig, split: str, args: Sequence) -> Source:

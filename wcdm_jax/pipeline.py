@@ -30,9 +30,9 @@ def _cores() -> int:
 
 def default_workers(source: data.Source | None) -> int:
   """Parallel decoders that fit this host: one per core up to 16, leaving one core to the
-  train step on hosts with more than two cores (1 for the in-memory embedded photographs,
-  whose crops cost microseconds)."""
-  if isinstance(source, data.EmbeddedSource):
+  train step on hosts with more than two cores (1 for the sources that crop images held in
+  memory, ``data.CropSource``, whose crops cost microseconds)."""
+  if isinstance(source, data.CropSource):
     return 1
   cores = _cores()
   return max(1, min(16, cores - 1 if cores > 2 else cores))

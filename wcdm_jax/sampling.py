@@ -26,7 +26,11 @@ class AscentConfig:
   h0: step size (first step when ``ascending``); beta in (0, 1]: injected noise (1 = none);
   sigma_0: std of the initial state; sigma_L: stop once 20 log10(std(y) / sigma_t) >=
   20 log10(1 / sigma_L); abort_sigma: stop and flag a sample whose sigma_t exceeds it (or is
-  not finite).
+  not finite); mean_0: mean of the initial state, y_0 ~ N(mean_0, sigma_0^2). The authors
+  start every scale at 0 and rescale the sampled low-pass afterwards (``low_rescale``): a
+  bias-free net keeps the mean grey it is given, so a low-pass ascent started at 0 leaves
+  black regions. Starting it at the data's mean grey (e.g. 0.5) gives the samples their
+  intensities without a rescale; the details' ascents start at 0, their mean.
   """
   h0: float = 0.01
   beta: float = 0.5
@@ -35,6 +39,7 @@ class AscentConfig:
   ascending: bool = True
   max_steps: int = 1000
   abort_sigma: float = 1.5
+  mean_0: float = 0.0
 
   def __post_init__(self):
     if self.beta is None:
@@ -80,7 +85,7 @@ def ascent(keys: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], shape
 
   keys: (B,) one key per sample. residual_fn: y (B, *shape) -> f(y), the denoiser's noise
   estimate (conditioning already bound in). shape: one sample's shape. y0: optional initial
-  state (B, *shape); default sigma_0 * N(0, I) from each sample's key.
+  state (B, *shape); default mean_0 + sigma_0 * N(0, I) from each sample's key.
   Returns (y - f(y) at each sample's final state, AscentInfo).
   """
   b = keys.shape[0]
@@ -88,7 +93,7 @@ def ascent(keys: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], shape
   n = float(np.prod(shape))
   axes = tuple(range(1, 1 + len(shape)))
   if y0 is None:
-    y0 = cfg.sigma_0 * _per_sample_normal(keys, 0, shape)
+    y0 = cfg.mean_0 + cfg.sigma_0 * _per_sample_normal(keys, 0, shape)
   elif y0.shape != (b,) + shape:
     raise ValueError(f"y0 must have shape {(b,) + shape}, got {y0.shape}")
   snr_stop = 20.0 * np.log10(1.0 / cfg.sigma_L)

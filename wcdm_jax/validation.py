@@ -106,3 +106,5 @@ def ascent_settings(cfg: Any) -> None:
   for name in ("sigma_0", "sigma_L", "abort_sigma"):
     if not getattr(cfg, name) > 0:
       raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+  if not np.isfinite(getattr(cfg, "mean_0", 0.0)):
+    raise ValueError(f"mean_0 must be a finite number, got {cfg.mean_0}")
