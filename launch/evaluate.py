@@ -32,7 +32,8 @@ FLAGS = flags.FLAGS
 GAUSSIAN = "best Gaussian filter"  # psnr.json's name of the baseline curve
 flags.DEFINE_list("models", None, "Model directories (flat and/or multi-scale).")
 flags.DEFINE_list("names", [], "Labels of the models (default: directory names).")
-flags.DEFINE_string("images", "embedded", "'folder:/path', 'tfds:name[:split]' or 'embedded'.")
+flags.DEFINE_string("images", "embedded", "'folder:/path', 'tfds:name[:split]', 'embedded' or "
+                    "'deadleaves'.")
 flags.DEFINE_enum("crop", "none", ["none", "celeba", "center"], "Crop before resizing.")
 flags.DEFINE_integer("image_size", 0, "Image size (0 = the first model's training size).",
                      lower_bound=0)

@@ -47,7 +47,8 @@ flags.DEFINE_integer("cond_max_steps", 1000, "Conditional ascents: maximum steps
 flags.DEFINE_integer("time_repeats", 0, "Re-run the sampling this many times and report the "
                      "steady-state speed (without compilation).", lower_bound=0)
 flags.DEFINE_string("images", "", "Images for super-resolution and denoising examples: "
-                    "'embedded', 'folder:/path' or 'tfds:name[:split]' (empty = skip).")
+                    "'embedded', 'deadleaves', 'folder:/path' or 'tfds:name[:split]' (empty = "
+                    "skip).")
 flags.DEFINE_integer("num_images", 4, "How many of --images to use.", lower_bound=1)
 flags.DEFINE_enum("crop", "none", ["none", "celeba", "center"], "Crop of --images.")
 flags.DEFINE_list("noise_sigmas", ["0.1", "0.2"], "Noise stds of the denoising examples.")

@@ -28,8 +28,9 @@ flags.DEFINE_list("models", None, "Model directories (flat and/or multi-scale) =
 flags.DEFINE_list("names", [], "Labels of the models (default: directory names).")
 flags.DEFINE_list("methods", [], "Per model: auto | plugin | coarse_to_fine (default auto: "
                   "coarse-to-fine for sr with factor 2^J on a J-level model).")
-flags.DEFINE_string("images", "embedded", "'folder:/path', 'tfds:name[:split]', 'embedded', or "
-                    "'npz:/path/samples.npz[:key]' (e.g. model samples from sample.py).")
+flags.DEFINE_string("images", "embedded", "'folder:/path', 'tfds:name[:split]', 'embedded', "
+                    "'deadleaves', or 'npz:/path/samples.npz[:key]' (e.g. model samples from "
+                    "sample.py).")
 flags.DEFINE_enum("crop", "none", ["none", "celeba", "center"], "Crop before resizing.")
 flags.DEFINE_integer("image_size", 0, "Image size (0 = the first model's training size).",
                      lower_bound=0)

@@ -23,7 +23,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl a
 flags.mark_flag_as_required("workdir")
 # Data.
 flags.DEFINE_string("data", "embedded",
-                    "'embedded' (PyWavelets' photographs), 'folder:/path' or 'tfds:name[:split]'.")
+                    "'embedded' (PyWavelets' photographs), 'deadleaves' (dead-leaves images, "
+                    "rendered), 'folder:/path' or 'tfds:name[:split]'.")
 flags.DEFINE_integer("image_size", 64, "Training image size (square).", lower_bound=4)
 flags.DEFINE_enum("color", "grey", ["grey", "colour"], "Grey (mean of RGB) or colour images.")
 flags.DEFINE_enum("crop", "none", ["none", "celeba", "center"], "Crop before resizing.")

@@ -91,3 +91,9 @@ def test_dead_leaves_source_is_a_fixed_data_set_cropped_per_run():
   colour = data.make_source(data.DataConfig(source="deadleaves", image_size=16, channels=3), 4)
   assert colour.batch(0).shape == (4, 16, 16, 3)
   assert pipeline.default_workers(src) == 1  # in-memory crops: no parallel decoders
+
+
+@pytest.mark.parametrize("source", data.CROP_SOURCES)
+def test_a_crop_for_a_cropping_source_is_an_error(source):
+  with pytest.raises(ValueError, match="applies to folder and tfds sources"):
+    data.make_source(data.DataConfig(source=source, image_size=16, crop="center"), 4)

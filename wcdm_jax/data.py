@@ -223,6 +223,12 @@ class CropSource(Source):
   step). Crops cost microseconds: such sources need no parallel decoders."""
   images: list[np.ndarray]
 
+  def __init__(self, cfg: DataConfig, *args, **kwargs):
+    super().__init__(cfg, *args, **kwargs)
+    if cfg.crop != "none":
+      raise ValueError(f"crop={cfg.crop!r} applies to folder and tfds sources; the "
+                       f"{cfg.source!r} source crops at random: use crop='none'")
+
   def batch(self, step: int) -> np.ndarray:
     s, c = self.cfg.image_size, self.images[0].shape[-1]
     rng = self._rng(step)

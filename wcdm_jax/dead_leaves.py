@@ -5,7 +5,7 @@ of natural images: occlusion makes sharp edges, and with radii distributed as r^
 are scale invariant (power spectrum ~ 1/f^2, like photographs') between the smallest and the
 largest disc. Its local structure is learnable by a small net in minutes while a linear filter
 cannot preserve its edges, and its samples are recognisable, so it is the quickstart's data:
-an unlimited, deterministic stand-in for photographs that needs no download
+a deterministic stand-in for photographs, as many images as wanted, that needs no download
 (docs/training.md, "The quickstart").
 
 ``render`` draws one image from a ``numpy.random.Generator``: discs back to front until the
