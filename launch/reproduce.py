@@ -236,9 +236,11 @@ def _figures(names: dict, path) -> None:
   metrics = {names[s]: reporting.read_metrics(os.path.join(path(s), "metrics.jsonl"))
              for s in names if os.path.exists(os.path.join(path(s), "metrics.jsonl"))}
   common.log("wrote " + plots.training_curves(metrics, os.path.join(FLAGS.workdir, "curves.png")))
+  # Flip-averaged ascents (sample.py --flip_average): the nets train on randomly flipped
+  # images, and without it the ascents grow their asymmetry into a border column.
   sampler = [f"--num_samples={FLAGS.colour_samples}", f"--seed={FLAGS.seed}", "--low_beta=0.1",
              "--low_sigma_L=0.05", "--low_ascending", f"--low_max_steps={FLAGS.low_max_steps}",
-             "--low_rescale=0,0.8"]
+             "--low_rescale=0,0.8", "--flip_average"]
   if FLAGS.colour_samples:
     _run("sample.py", [f"--model={path('ms_small')}",
                        f"--out={os.path.join(path('ms_small'), 'samples')}"] + sampler,

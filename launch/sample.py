@@ -38,6 +38,10 @@ flags.DEFINE_bool("low_ascending", False, "Low-pass ascent: ascending step sizes
 flags.DEFINE_integer("low_max_steps", 15000, "Low-pass ascent: maximum steps.", lower_bound=1)
 flags.DEFINE_float("low_mean_0", 0.0, "Low-pass ascent: mean of the initial state (the authors' "
                    "0, with --low_rescale; the data's mean grey, e.g. 0.5, needs no rescale).")
+flags.DEFINE_bool("flip_average", False, "Every scale's ascent uses the net's residual averaged "
+                  "with its mirror image's (the score of a left-right symmetric distribution; "
+                  "removes a border column that undertrained nets' asymmetry grows; 2x the "
+                  "cost; conditional scales need the Haar wavelet).")
 flags.DEFINE_float("cond_h0", 0.01, "Conditional ascents: step size.")
 flags.DEFINE_float("cond_beta", 0.5, "Conditional ascents: beta.")
 flags.DEFINE_float("cond_sigma_L", 0.01, "Conditional ascents: final noise level.")
@@ -68,9 +72,10 @@ def main(argv):
   try:
     low_cfg = sampling.AscentConfig(FLAGS.low_h0, FLAGS.low_beta, 1.0, FLAGS.low_sigma_L,
                                     FLAGS.low_ascending, FLAGS.low_max_steps,
-                                    mean_0=FLAGS.low_mean_0)
+                                    mean_0=FLAGS.low_mean_0, flip_average=FLAGS.flip_average)
     cond = sampling.AscentConfig(FLAGS.cond_h0, FLAGS.cond_beta, 1.0, FLAGS.cond_sigma_L,
-                                 FLAGS.cond_ascending, FLAGS.cond_max_steps)
+                                 FLAGS.cond_ascending, FLAGS.cond_max_steps,
+                                 flip_average=FLAGS.flip_average)
     rescale = tuple(float(v) for v in FLAGS.low_rescale) or None
     sigmas = [float(s) for s in FLAGS.noise_sigmas]
   except ValueError as e:
@@ -87,6 +92,10 @@ def main(argv):
       wcdm_jax.wavelets.check_size(*size, spec.levels)
     except ValueError as e:
       common.fail(f"--image_size={size[0]}: {e}")
+  if (FLAGS.flip_average and spec.levels
+      and wcdm_jax.wavelets.mirror_signs(spec.wavelet, spec.channels) is None):
+    common.fail(f"--flip_average: the conditional scales need a wavelet whose bands mirror "
+                f"with the image (Haar); this model's is {spec.wavelet!r}")
   out = FLAGS.out or os.path.join(FLAGS.model, "samples")
   os.makedirs(out, exist_ok=True)
 

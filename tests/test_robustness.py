@@ -27,6 +27,9 @@ FLAT = models.init_model(jax.random.key(0), models.ModelSpec(low=models.flat_spe
 KEY = jax.random.key(0)
 X = jnp.zeros((1, 16, 16, 1))
 FAST = sampling.AscentConfig(max_steps=2)
+DB2 = models.init_model(jax.random.key(0), models.multiscale_spec(
+    1, cond_rf=5, low_rf=5, image_size=(16, 16), wavelet="db2", num_layers=3, low_num_layers=3,
+    features=4))
 
 
 def _model_dir(tmp, kind):
@@ -39,6 +42,8 @@ def _model_dir(tmp, kind):
     (d / "spec.json").write_bytes(b"\x00\xff garbage")
   elif kind == "untrained":
     checkpoints.write_spec(str(d), SPEC)
+  elif kind == "db2":
+    checkpoints.save_model(str(d), DB2)
   return str(d)
 
 
@@ -154,6 +159,12 @@ API_CASES = [
      "abort_sigma must be > 0"),
     ("ascent-mean", lambda t: sampling.AscentConfig(mean_0=float("nan")), ValueError,
      "mean_0 must be a finite number"),
+    ("ascent-flip-type", lambda t: sampling.AscentConfig(flip_average="yes"), TypeError,
+     "flip_average must be True or False"),
+    ("sample-flip-db2", lambda t: wcdm_jax.sample(
+        KEY, DB2, 1, low_config=FAST,
+        cond_config=sampling.AscentConfig(max_steps=2, flip_average=True)), ValueError,
+     r"needs a wavelet whose bands mirror with the image \(Haar\); this model's is 'db2'"),
     # super_resolve
     ("sr-flat", lambda t: wcdm_jax.super_resolve(KEY, FLAT, jnp.zeros((1, 4, 4, 1))), ValueError,
      "needs a multi-scale model"),
@@ -360,6 +371,10 @@ CLI_CASES = [
     ("sample-mean-nan", "sample.py", ("trained",),
      lambda t, f: [f"--model={f['trained']}", f"--out={t}/o", "--low_mean_0=nan"],
      "mean_0 must be a finite number", lambda t, f: _no_write(f"{t}/o")),
+    ("sample-flip-average-db2", "sample.py", (),
+     lambda t, f: [f"--model={_model_dir(t, 'db2')}", f"--out={t}/o", "--flip_average"],
+     "--flip_average: the conditional scales need a wavelet whose bands mirror",
+     lambda t, f: _no_write(f"{t}/o")),
     ("sample-sigmas", "sample.py", ("trained",),
      lambda t, f: [f"--model={f['trained']}", "--noise_sigmas=x"],
      "could not convert string to float", None),

@@ -93,3 +93,19 @@ def test_bad_size_names_a_working_size():
 def test_bad_wavelet():
   with pytest.raises(ValueError, match="not orthogonal"):
     wavelets.decompose(jnp.zeros((1, 16, 16, 1)), 1, "bior2.2")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_mirror_signs_relate_the_bands_of_a_mirrored_image(channels):
+  x = _images((2, 16, 24, channels))
+  signs = wavelets.mirror_signs("haar", channels)
+  _, details = wavelets.dwt_level(x)
+  _, mirrored = wavelets.dwt_level(x[:, :, ::-1])
+  np.testing.assert_allclose(mirrored, details[:, :, ::-1] * signs, atol=1e-6)
+  assert sorted(set(signs.tolist())) == [-1.0, 1.0]  # a band that changes sign, one that does not
+  assert wavelets.mirror_signs("db1", channels) is not None  # Haar by another name
+  for other in ("db2", "sym4", "coif1"):  # longer filters: no band-wise relation
+    assert wavelets.mirror_signs(other, channels) is None
+    _, d = wavelets.dwt_level(x, other)
+    _, m = wavelets.dwt_level(x[:, :, ::-1], other)
+    assert np.abs(np.abs(np.asarray(m)) - np.abs(np.asarray(d[:, :, ::-1]))).max() > 1e-2

@@ -108,3 +108,5 @@ def ascent_settings(cfg: Any) -> None:
       raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
   if not np.isfinite(getattr(cfg, "mean_0", 0.0)):
     raise ValueError(f"mean_0 must be a finite number, got {cfg.mean_0}")
+  if not isinstance(getattr(cfg, "flip_average", False), bool):
+    raise TypeError(f"flip_average must be True or False, got {cfg.flip_average!r}")

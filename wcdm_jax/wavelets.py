@@ -197,6 +197,18 @@ def idwt_level(low: jax.Array, details: jax.Array, wavelet: str = "haar",
   return _idwt2_jaxwt(2 * low, bands, wavelet, size)
 
 
+def mirror_signs(wavelet: str, channels: int) -> np.ndarray | None:
+  """(3 C,) signs s such that the details of a left-right mirrored image are the mirrored
+  details times s (band-major, as ``dwt_level`` concatenates them), or None for a wavelet
+  whose bands do not mirror with the image. Only a two-tap wavelet (Haar) keeps each pair of
+  pixels a pair under a mirror image, with its low-pass filter symmetric and its high-pass
+  antisymmetric: the bands high-passed along the width change sign, the others do not."""
+  lo, hi = _filters(wavelet)
+  if lo.size != 2 or not (np.allclose(lo[::-1], lo) and np.allclose(hi[::-1], -hi)):
+    return None
+  return np.repeat(np.asarray([1.0, -1.0, -1.0], np.float32), channels)
+
+
 def check_size(height: int, width: int, levels: int) -> None:
   """Raise a ValueError naming a workable size when (H, W) is not divisible by 2^levels."""
   m = 2 ** levels
