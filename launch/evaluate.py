@@ -133,6 +133,12 @@ def main(argv):
     curve["kind"] = "multi-scale" if params.spec.levels else "flat"
     results[name] = curve
     common.log(f"{name}: " + " ".join(f"{s:g}:{o:.2f}" for s, o in zip(levels, curve["psnr_out"])))
+    for k, s in enumerate(levels if "band_mse_out" in curve else ()):
+      common.log(f"  {name} at {s:g}/255, squared error by band x 1e-4 (output / input / the band "
+                 "set to 0): " + ", ".join(
+                     f"{b} {curve['band_mse_out'][b][k] * 1e4:.2f} / "
+                     f"{curve['band_mse_in'][b][k] * 1e4:.2f} / {e * 1e4:.2f}"
+                     for b, e in curve["band_energy"].items()))
   if FLAGS.gaussian:
     curve = evaluation.gaussian_curve(images, [s / 255 for s in levels], FLAGS.seed,
                                       FLAGS.batch_size)

@@ -66,6 +66,10 @@ flags.DEFINE_integer("colour_steps", 500, "Steps of every net of the colour mode
 flags.DEFINE_integer("colour_num_layers", None, "Layers of the colour model's conditional nets "
                      "(default: --num_layers). At CPU budgets the 21-layer RF 9 colour nets "
                      "hardly learn where 10 layers do (docs/training.md, 'Colour').", lower_bound=2)
+flags.DEFINE_integer("colour_low_num_layers", None, "Layers of the colour model's low-pass net, "
+                     "all 3x3 (default: --low_num_layers, with --low_rf): like its conditional "
+                     "nets, a 20-layer colour low-pass net hardly learns at CPU budgets where 10 "
+                     "layers do (docs/training.md, 'Colour').", lower_bound=2)
 flags.DEFINE_integer("seed", 0, "Seed of every run.")
 flags.DEFINE_integer("log_every", 25, "Training: steps between log lines.", lower_bound=1)
 flags.DEFINE_integer("eval_every", 50, "Training: steps between per-scale PSNR evaluations.",
@@ -110,11 +114,15 @@ def _run(script: str, args: list[str], log_name: str) -> None:
 
 def _train_args(name: str, steps: int, colour: bool = False) -> list[str]:
   layers = FLAGS.colour_num_layers if colour and FLAGS.colour_num_layers else FLAGS.num_layers
+  low_layers, low_rf = FLAGS.low_num_layers, FLAGS.low_rf
+  if colour and FLAGS.colour_low_num_layers:  # all 3x3: receptive field 2 L + 1
+    low_layers = FLAGS.colour_low_num_layers
+    low_rf = 2 * low_layers + 1
   return [f"--workdir={os.path.join(FLAGS.workdir, name)}", f"--data={FLAGS.data}",
           f"--image_size={FLAGS.image_size}", f"--crop={FLAGS.crop}",
           f"--eval_fraction={FLAGS.eval_fraction}", f"--color={'colour' if colour else 'grey'}",
-          f"--num_layers={layers}", f"--low_num_layers={FLAGS.low_num_layers}",
-          f"--low_rf={FLAGS.low_rf}", f"--features={FLAGS.features}",
+          f"--num_layers={layers}", f"--low_num_layers={low_layers}",
+          f"--low_rf={low_rf}", f"--features={FLAGS.features}",
           f"--batch_size={FLAGS.batch_size}", f"--num_steps={steps}",
           f"--learning_rate={FLAGS.learning_rate}", f"--recipe={FLAGS.recipe}"] + (
               [f"--lr_halve_every={FLAGS.lr_halve_every * steps // FLAGS.num_steps or 1}"]

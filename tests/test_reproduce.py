@@ -24,7 +24,8 @@ def test_reproduce_toy(tmp_path):
        f"--data=folder:{images}", "--crop=center", "--image_size=16", "--levels=1",
        "--small_rf=5", "--large_rf=7", "--low_rf=5", "--num_layers=3", "--low_num_layers=3",
        "--features=8", "--batch_size=8", "--num_steps=30",
-       "--colour_steps=6", "--colour_num_layers=4", "--eval_images=4", "--noise_levels=0,20,260,640",
+       "--colour_steps=6", "--colour_num_layers=4", "--colour_low_num_layers=2", "--eval_images=4",
+       "--noise_levels=0,20,260,640",
        "--colour_samples=2", "--low_max_steps=10", "--log_every=10", "--eval_every=15",
        "--checkpoint_every=30"], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
   assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
@@ -74,6 +75,9 @@ def test_reproduce_toy(tmp_path):
   assert (wd / "budgets.md").read_text().splitlines() == table
   spec = json.loads((wd / "colour_ms_rf5" / "spec.json").read_text())  # --colour_num_layers
   assert [len(c["kernel_sizes"]) for c in spec["conditionals"]] == [4]
+  assert spec["low"]["kernel_sizes"] == [3, 3]  # --colour_low_num_layers: all 3x3
+  grey_low = json.loads((wd / "ms_rf5" / "spec.json").read_text())["low"]["kernel_sizes"]
+  assert len(grey_low) == 3
   assert len(json.loads((wd / "ms_rf5" / "spec.json").read_text())["conditionals"][0][
       "kernel_sizes"]) == 3
   colour = np.load(wd / "colour_ms_rf5" / "samples" / "samples.npz")

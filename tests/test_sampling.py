@@ -339,6 +339,28 @@ def test_band_mse_adds_up_and_names_the_band():
                              [1 / 16, 3 / 16, 3 / 4], rtol=0.3)
 
 
+def test_denoising_curve_splits_the_error_by_band():
+  """A multi-scale model's curve carries each band's error of its output and of its input,
+  and the clean bands' energy: the input's bands add up to sigma^2 (white noise), the energy
+  to the images' mean square, the output's to its MSE; a flat model's carries none."""
+  params = _known_model()
+  images = np.asarray(jax.random.uniform(jax.random.key(3), (6, 16, 16, 1)))
+  sigmas = [0.05, 0.3]
+  curve = evaluation.denoising_curve(params, images, sigmas, seed=2, batch_size=4)
+  assert list(curve["band_mse_out"]) == ["low", "cond1", "cond0"]
+  for k, s in enumerate(sigmas):
+    np.testing.assert_allclose(sum(curve["band_mse_in"][b][k] for b in curve["band_mse_in"]),
+                               s * s, rtol=0.1)
+    assert all(curve["band_mse_out"][b][k] > 0 for b in curve["band_mse_out"])
+  np.testing.assert_allclose(sum(curve["band_energy"].values()), np.mean(images ** 2), rtol=1e-4)
+  # The output's bands are the errors of its own output: their sum matches the PSNR's MSE
+  # for one image.
+  one = evaluation.denoising_curve(params, images[:1], sigmas[:1], seed=2)
+  mse = sum(one["band_mse_out"][b][0] for b in one["band_mse_out"])
+  np.testing.assert_allclose(one["psnr_out"][0], -10 * np.log10(mse), rtol=1e-4)
+  assert "band_mse_out" not in evaluation.denoising_curve(_linear_flat(), images, sigmas)
+
+
 def test_compare_with_gaussian_by_value():
   """The linear flat denoiser 0.75 y: its PSNR and MSE by value, a Gaussian filter tuned on
   the very images at least as good as any fixed width, and the noisy input's MSE sigma^2."""

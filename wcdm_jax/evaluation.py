@@ -152,19 +152,40 @@ def _noisy_batches(images: np.ndarray, sigmas: Sequence[float], seed: int, batch
 
 
 def denoising_curve(params: models.ModelParams, images: np.ndarray, sigmas: Sequence[float],
-                    seed: int = 0, batch_size: int = 16) -> dict[str, list[float]]:
-  """Mean input and output PSNR of ``denoising.denoise`` over noise stds ``sigmas``.
+                    seed: int = 0, batch_size: int = 16) -> dict:
+  """Mean input and output PSNR of ``denoising.denoise`` over noise stds ``sigmas``; for a
+  multi-scale model also each band's mean squared error (``band_mse``, image units) of the
+  output ('band_mse_out') and of the input ('band_mse_in'), {band: [one per sigma]}, and the
+  clean bands' energy ('band_energy', {band: float}: the error of returning the band as 0),
+  so that a loss can be traced to the net of its band.
 
   Noise is drawn from ``jax.random.key(seed)`` folded with the noise level and batch index,
   so runs are comparable across models (and with ``gaussian_curve``).
   """
   den = jax.jit(lambda p, y: denoising.denoise(p, y))
+  spec = params.spec
   pin, pout = [[] for _ in sigmas], [[] for _ in sigmas]
+  bin_, bout = [[] for _ in sigmas], [[] for _ in sigmas]
+  energy = []
   for i, x, y in _noisy_batches(images, sigmas, seed, batch_size):
+    out = den(params, y)
     pin[i].append(psnr(y, x))
-    pout[i].append(psnr(den(params, y), x))
+    pout[i].append(psnr(out, x))
+    if spec.levels:
+      bin_[i].append(band_mse(y, x, spec))
+      bout[i].append(band_mse(out, x, spec))
+      if i == 0:
+        energy.append(band_mse(jnp.zeros_like(x), x, spec))
   mean = lambda parts: [float(jnp.concatenate(p).mean()) for p in parts]
-  return {"sigma": [float(s) for s in sigmas], "psnr_in": mean(pin), "psnr_out": mean(pout)}
+  result = {"sigma": [float(s) for s in sigmas], "psnr_in": mean(pin), "psnr_out": mean(pout)}
+  if spec.levels:
+    band_mean = lambda parts, band: float(jnp.concatenate([p[band] for p in parts]).mean())
+    bands = list(bout[0][0])
+    result["band_mse_in"] = {b: [band_mean(bin_[i], b) for i in range(len(sigmas))] for b in bands}
+    result["band_mse_out"] = {b: [band_mean(bout[i], b) for i in range(len(sigmas))]
+                              for b in bands}
+    result["band_energy"] = {b: band_mean(energy, b) for b in bands}
+  return result
 
 
 def gaussian_curve(images: np.ndarray, sigmas: Sequence[float], seed: int = 0,
