@@ -83,6 +83,22 @@ def test_batch_norm_train_and_eval():
                              rtol=1e-5)
 
 
+def test_two_layer_net_has_empty_batch_stats_and_trains():
+  """conv -> conv has no batch norm: its variables carry an empty 'batch_stats' (a 2-layer
+  low-pass net crashed the trainer with a KeyError), and the training loss runs on it."""
+  from wcdm_jax import training  # pylint: disable=g-import-not-at-top
+  spec = models.low_spec(1, rf=5, num_layers=2, features=4)
+  v = models.init_net(jax.random.key(0), spec)
+  assert v["batch_stats"] == {} and set(v["params"]) == {"conv_0", "conv_1"}
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  out = models.apply_net(spec, v, x)
+  assert out.shape == x.shape
+  loss, stats = training.loss_fn(v["params"], v["batch_stats"], spec, x, 0.1 * x)
+  assert stats == {} and np.isfinite(float(loss))
+  grads = jax.grad(lambda p: training.loss_fn(p, {}, spec, x, 0.1 * x)[0])(v["params"])
+  assert float(jnp.abs(grads["conv_0"]["kernel"]).max()) > 0
+
+
 def test_spec_json_round_trip_and_colour():
   spec = models.multiscale_spec(3, 13, 41, channels=3, image_size=(320, 320))
   assert models.ModelSpec.from_json(spec.to_json()) == spec

@@ -327,7 +327,8 @@ def init_net(key: jax.Array, spec: NetSpec, size: tuple[int, int] = (16, 16),
              gain_init: float | None = None) -> Variables:
   """Fresh variables {'params', 'batch_stats'} for ``spec`` (gains: see gain_initializer)."""
   x = jnp.zeros((1, *size, spec.in_channels), jnp.float32)
-  return dict(BFCNN(spec, gain_init=gain_init).init(key, x, train=False))
+  # A 2-layer net (conv, conv) has no batch norm: its 'batch_stats' is empty, not missing.
+  return {"batch_stats": {}, **BFCNN(spec, gain_init=gain_init).init(key, x, train=False)}
 
 
 def apply_net(spec: NetSpec, variables: Variables, x: jax.Array, *, conv_impl: str = "auto",

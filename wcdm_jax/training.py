@@ -448,7 +448,7 @@ def loss_fn(params, batch_stats, net: models.NetSpec, noisy, noise, *, weights=N
   pred, updates = model.apply({"params": params, "batch_stats": batch_stats}, noisy, train=True,
                               mutable=["batch_stats"])
   sq = jnp.square(pred - noise)
-  aux = updates["batch_stats"]
+  aux = updates.get("batch_stats", {})
   if return_errors:
     aux = (aux, jax.lax.stop_gradient(jnp.mean(sq, axis=(1, 2, 3))))
   if weights is not None:
