@@ -86,23 +86,23 @@ def _mirror(x: jax.Array) -> jax.Array:  # (B, H, W, C): left-right
   return x[:, :, ::-1]
 
 
-def mirrored_residual(fn: Callable[[jax.Array], jax.Array],
-                      signs: jax.Array | None = None) -> Callable[[jax.Array], jax.Array]:
+def mirrored_residual(fn: Callable, signs: jax.Array | None = None,
+                      cond: jax.Array | None = None) -> Callable[[jax.Array], jax.Array]:
   """y -> (fn(y) + M fn(M y)) / 2, M the left-right mirror (times ``signs`` on the channels:
-  wavelets.mirror_signs for detail bands): a residual that commutes with M."""
+  wavelets.mirror_signs for detail bands): a residual that commutes with M. With ``cond``,
+  ``fn`` takes (cond, y) and the conditioning is mirrored along with y."""
   s = 1.0 if signs is None else jnp.asarray(signs)
-  return lambda y: 0.5 * (fn(y) + _mirror(fn(_mirror(y) * s)) * s)
+  call = (lambda c, y: fn(y)) if cond is None else fn
+  mirrored_cond = None if cond is None else _mirror(cond)
+  return lambda y: 0.5 * (call(cond, y) + _mirror(call(mirrored_cond, _mirror(y) * s)) * s)
 
 
 def _cond_residual(net: models.NetSpec, variables, cond: jax.Array, cfg: AscentConfig,
                    signs, conv_impl: str) -> Callable[[jax.Array], jax.Array]:
-  """y (details) -> the conditional net's residual given ``cond`` (flip-averaged per cfg: the
-  conditioning is mirrored with the details)."""
+  """y (details) -> the conditional net's residual given ``cond`` (flip-averaged per cfg)."""
   f = lambda c, y: models.apply_net(net, variables, jnp.concatenate([c, y], -1),
                                     conv_impl=conv_impl)
-  if not cfg.flip_average:
-    return lambda y: f(cond, y)
-  return lambda y: 0.5 * (f(cond, y) + _mirror(f(_mirror(cond), _mirror(y) * signs)) * signs)
+  return mirrored_residual(f, signs, cond) if cfg.flip_average else lambda y: f(cond, y)
 
 
 def _per_sample_normal(keys: jax.Array, t, shape) -> jax.Array:
