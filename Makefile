@@ -13,8 +13,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# Train a small J = 2 model on the embedded photographs, then sample, super-resolve and
-# denoise with it; everything lands in workdirs/quickstart.
+# Train a small J = 1 model on dead-leaves images (rendered, no download), then sample,
+# super-resolve and denoise with it; everything lands in workdirs/quickstart.
 quickstart: setup
 	$(PY) launch/train.py --flagfile=launch/configs/quickstart.flags
 	$(PY) launch/sample.py --flagfile=launch/configs/quickstart_sample.flags
