@@ -245,10 +245,14 @@ def _figures(names: dict, path) -> None:
              for s in names if os.path.exists(os.path.join(path(s), "metrics.jsonl"))}
   common.log("wrote " + plots.training_curves(metrics, os.path.join(FLAGS.workdir, "curves.png")))
   # Flip-averaged ascents (sample.py --flip_average): the nets train on randomly flipped
-  # images, and without it the ascents grow their asymmetry into a border column.
+  # images, and without it the ascents grow their asymmetry into a border column. The
+  # conditional ascents stop at noise std 0.05, above these nets' own error on clean details
+  # (about 0.03 rms for cond0 after 64,000 images): below it their residual is mostly their
+  # error, and a level-1 ascent run down to 0.01 draws vertical stripes (docs/training.md).
   sampler = [f"--num_samples={FLAGS.colour_samples}", f"--seed={FLAGS.seed}", "--low_beta=0.1",
              "--low_sigma_L=0.05", "--low_ascending", f"--low_max_steps={FLAGS.low_max_steps}",
-             "--low_rescale=0,0.8", "--flip_average"]
+             "--low_rescale=0,0.8", "--flip_average", "--cond_sigma_L=0.05",
+             "--cond_sigma_L_finest=0.05"]
   if FLAGS.colour_samples:
     _run("sample.py", [f"--model={path('ms_small')}",
                        f"--out={os.path.join(path('ms_small'), 'samples')}"] + sampler,

@@ -143,5 +143,7 @@ def claim_budgets(budgets: Mapping[int, dict], path: str) -> str:
     else:
       ax.axhline(bound, color="g", ls="--", label="claim's bound")
     ax.set_xscale("log")
+    ax.set_xticks(images, [f"{n:,}" for n in images])  # the budgets run, not a log grid
+    ax.minorticks_off()
     _finish_axes(ax, "images seen per net", "dB", claims[i]["claim"], fontsize=8)
   return _save(fig, path)
