@@ -222,6 +222,7 @@ class CropSource(Source):
   at random when the config says so; the batch of a step is a pure function of (seed, split,
   step). Crops cost microseconds: such sources need no parallel decoders."""
   images: list[np.ndarray]
+  num_examples = 10_000  # nominal epoch length, for epoch-based schedules
 
   def __init__(self, cfg: DataConfig, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
@@ -265,7 +266,6 @@ class EmbeddedSource(CropSource):
           self.images.append(im[..., None])
     if not self.images:
       raise ValueError(f"image_size {cfg.image_size} is too large for the embedded data (max 128)")
-    self.num_examples = 10_000  # nominal epoch length, for epoch-based schedules
 
 
 class DeadLeavesSource(CropSource):
@@ -286,7 +286,6 @@ class DeadLeavesSource(CropSource):
         dead_leaves.render(np.random.default_rng([self.SEED, _SPLIT_IDS[split], i]),
                            self.CANVAS * s, self.CANVAS * s, s, cfg.channels, model)
         for split in splits for i in range(self.CANVASES[split])]
-    self.num_examples = 10_000  # nominal epoch length, for epoch-based schedules
 
 
 class ArraySource(Source):
