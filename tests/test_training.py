@@ -31,8 +31,7 @@ def test_four_devices_equal_one(name):
   for devices in (jax.devices()[:1], jax.devices()[:4]):
     mesh, state, step = _state_and_step(TINY, name, cfg, devices)
     for s in range(2):
-      state, metrics = step(state, training.global_batch(src.batch(s), mesh),
-                            training.step_key(0, s, 1))
+      state, metrics = step(state, training.global_batch(src.batch(s), mesh))
     results.append((jax.device_get(state.as_dict()), float(metrics["loss"])))
   (a, la), (b, lb) = results
   assert la == pytest.approx(lb, rel=1e-5)
@@ -60,7 +59,7 @@ def test_loss_decreases(weighting, factor):
                                     if weighting != "none" else cfg))[0])
   before = float(eval_loss(state))
   for s in range(60):
-    state, _ = step(state, training.global_batch(src.batch(s), mesh), training.step_key(0, s, 0))
+    state, _ = step(state, training.global_batch(src.batch(s), mesh))
   after = float(eval_loss(state))
   assert after < factor * before, (before, after)
 
@@ -315,7 +314,7 @@ def test_ema_follows_the_weights_and_is_the_saved_model(tmp_path):
   src = data.make_source(data.DataConfig(image_size=16), 8, seed=0)
   ema = jax.device_get(state.eval_variables())
   for s in range(3):
-    state, _ = step(state, training.global_batch(src.batch(s), mesh), training.step_key(0, s, 0))
+    state, _ = step(state, training.global_batch(src.batch(s), mesh))
     d = min(0.5, (1 + s) / (10 + s))
     ema = jax.tree.map(lambda e, v: d * e + (1 - d) * v, ema, jax.device_get(state.variables()))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),

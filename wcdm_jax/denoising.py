@@ -1,10 +1,14 @@
 """Denoising with a flat or a multi-scale model (method.md §5, last paragraph)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from wcdm_jax import models, validation, wavelets
+from jax.sharding import Mesh
+
+from wcdm_jax import models, parallel, validation, wavelets
 
 
 def _check_images(spec: models.ModelSpec, images: jax.Array, what: str) -> jax.Array:
@@ -15,17 +19,30 @@ def _check_images(spec: models.ModelSpec, images: jax.Array, what: str) -> jax.A
 
 
 def denoise(params: models.ModelParams, noisy: jax.Array, *, return_scales: bool = False,
-            conv_impl: str = "auto"):
-  """Blind denoising of (B, H, W, C) images; jittable.
+            conv_impl: str = "auto", mesh: Mesh | None = None):
+  """Blind denoising of (B, H, W, C) images; one jitted program per shape, and jittable.
 
   Flat model: ``y - f(y)``. Multi-scale: decompose, denoise x_J with the low-pass net, then
   for each finer level denoise the details conditioned on the *denoised* low-pass and invert
   one level. ``return_scales=True`` also returns the denoised low-pass of every level,
-  coarse to fine (the last one is the image).
+  coarse to fine (the last one is the image). mesh: split the batch over this mesh's 'data'
+  axis (each device denoising its own images); default: the mesh ``noisy`` is sharded on,
+  if it is sharded along its batch axis (``parallel``), else one device.
   """
   models.check_params(params)
+  noisy = _check_images(params.spec, noisy, "noisy")
+  mesh = parallel.resolve_mesh(mesh, noisy)
+  return _denoise_jit(params, noisy, return_scales, conv_impl, mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _denoise_jit(params, noisy, return_scales, conv_impl, mesh):
+  return parallel.map_batch(lambda y, p: _denoise(p, y, return_scales, conv_impl), mesh,
+                            (noisy,), (params,))
+
+
+def _denoise(params: models.ModelParams, noisy: jax.Array, return_scales: bool, conv_impl: str):
   spec = params.spec
-  noisy = _check_images(spec, noisy, "noisy")
   if spec.levels == 0:
     out = noisy - params.residual_fn("flat", conv_impl)(noisy)
     return (out, [out]) if return_scales else out

@@ -44,7 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from wcdm_jax import models, validation, wavelets
+from jax.sharding import Mesh
+
+from wcdm_jax import models, parallel, validation, wavelets
 
 LN2 = math.log(2.0)
 # denoiser(y (B, h, w, c), sigma (B,)) -> estimate of E[x | y] (B, h, w, c); blind ones ignore sigma
@@ -157,13 +159,13 @@ def bound_scan(keys: jax.Array, denoiser: Denoiser, x: jax.Array, cfg: Likelihoo
   span = math.log(s_max / s_min)
   r, k = cfg.replicas, cfg.strata
   shift_keys, noise_keys = jnp.moveaxis(jax.vmap(lambda q: jax.random.split(q, 2))(keys), 1, 0)
-  shifts = jax.vmap(lambda q: jax.random.uniform(q, (r,)))(shift_keys)  # (B, R)
+  shifts = jax.vmap(lambda q: jax.random.uniform(q, (r,), jnp.float32))(shift_keys)  # (B, R)
   u = (jnp.arange(k)[None, :, None] + shifts[:, None, :]) / k  # (B, K, R) in [0, 1)
   log_sigmas = jnp.log(s_min) + span * u.reshape(b, k * r)  # (B, N), N = num_evals
 
   def one(_, n):  # one evaluation per image: (B,) integrand values
     sigma = jnp.exp(log_sigmas[:, n])
-    z = jax.vmap(lambda q: jax.random.normal(jax.random.fold_in(q, n), x.shape[1:]))(noise_keys)
+    z = jax.vmap(lambda q: jax.random.normal(jax.random.fold_in(q, n), x.shape[1:], x.dtype))(noise_keys)
     y = x + sigma[:, None, None, None] * z
     err = jnp.sum((x - denoiser(y, sigma)) ** 2, axis=(1, 2, 3))
     return None, span * err / sigma ** 2
@@ -190,7 +192,7 @@ def _dequantize(keys: jax.Array, x: jax.Array, bins: int) -> jax.Array:
   """x (B, ...) + uniform noise over one quantisation bin, from one key per image."""
   if not bins:
     return x
-  u = jax.vmap(lambda q: jax.random.uniform(q, x.shape[1:]))(keys)
+  u = jax.vmap(lambda q: jax.random.uniform(q, x.shape[1:], x.dtype))(keys)
   return x + (u - 0.5) / (bins - 1)
 
 
@@ -228,8 +230,20 @@ def multiscale_nats(keys: jax.Array, low_denoiser: Denoiser,
   return nats, errs
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "conv_impl"))
-def _log_prob(keys, params: models.ModelParams, images, cfg: LikelihoodConfig, conv_impl: str):
+@functools.partial(jax.jit, static_argnames=("cfg", "conv_impl", "mesh"))
+def _log_prob(keys, params: models.ModelParams, images, cfg: LikelihoodConfig, conv_impl: str,
+              mesh=None):
+  return parallel.map_batch(lambda k, x, p: _log_prob_local(k, p, x, cfg, conv_impl), mesh,
+                            (keys, images), (params,))
+
+
+@jax.jit
+def _range_stats(images):  # (non-finite count, min, max): three scalars, not the images
+  return jnp.sum(~jnp.isfinite(images)), jnp.min(images), jnp.max(images)
+
+
+def _log_prob_local(keys, params: models.ModelParams, images, cfg: LikelihoodConfig,
+                    conv_impl: str):
   spec = params.spec
   deq_keys, scale_keys = _image_keys(keys)
   x = _dequantize(deq_keys, images.astype(jnp.float32), cfg.bins)
@@ -257,12 +271,11 @@ def _check_images(params: models.ModelParams, images) -> jax.Array:
   spec = params.spec
   images = validation.images(images, "images", spec.channels)
   if not isinstance(images, jax.core.Tracer):
-    a = np.asarray(images)
-    if not np.all(np.isfinite(a)):
-      raise ValueError(f"images hold {int(np.sum(~np.isfinite(a)))} non-finite values; pass "
-                       "finite images in [0, 1]")
-    if a.min() < 0 or a.max() > 1:
-      raise ValueError(f"images must lie in [0, 1], got values in [{a.min():.4g}, {a.max():.4g}]"
+    bad, lo, hi = (float(v) for v in jax.device_get(_range_stats(images)))
+    if bad:
+      raise ValueError(f"images hold {int(bad)} non-finite values; pass finite images in [0, 1]")
+    if lo < 0 or hi > 1:
+      raise ValueError(f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
                        "; divide 8-bit images by 255")
   if spec.levels:
     if spec.mode != wavelets.PERIODIZATION:
@@ -273,7 +286,8 @@ def _check_images(params: models.ModelParams, images) -> jax.Array:
 
 
 def log_prob(key: jax.Array, params: models.ModelParams, images: jax.Array, *,
-             config: LikelihoodConfig | None = None, conv_impl: str = "auto") -> LogProb:
+             config: LikelihoodConfig | None = None, conv_impl: str = "auto",
+             mesh: Mesh | None = None) -> LogProb:
   """Upper bound on the negative log-likelihood of (B, H, W, C) images in [0, 1], in bits
   per pixel, for a flat or a multi-scale model (see the module docstring for the bound).
 
@@ -282,6 +296,8 @@ def log_prob(key: jax.Array, params: models.ModelParams, images: jax.Array, *,
   the figures do not depend on the batch's other images. config: ``LikelihoodConfig``
   (default: 64 denoiser evaluations per image and scale in 4 replicas, sigma in
   [0.25/255, 1], 8-bit dequantisation). Costs num_evals * (J + 1) net evaluations per image.
+  mesh: split the images over this mesh's 'data' axis; default: the mesh ``images`` is
+  sharded on, if any (``parallel``).
   """
   models.check_params(params)
   cfg = LikelihoodConfig() if config is None else config
@@ -290,7 +306,7 @@ def log_prob(key: jax.Array, params: models.ModelParams, images: jax.Array, *,
                     f"{type(cfg).__name__}")
   images = _check_images(params, images)
   keys = validation.keys(key, images.shape[0], "len(images)")
-  return _log_prob(keys, params, images, cfg, conv_impl)
+  return _log_prob(keys, params, images, cfg, conv_impl, parallel.resolve_mesh(mesh, images))
 
 
 def dataset_log_prob(params: models.ModelParams, images: np.ndarray, *, seed: int = 0,

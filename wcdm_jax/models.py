@@ -189,46 +189,58 @@ def multiscale_spec(levels: int, cond_rf: int = 9, low_rf: int = 41, channels: i
 
 # --- pure building blocks ---------------------------------------------------------------------
 
-def batch_sd(h: jax.Array) -> jax.Array:
-  """Per-channel std over (B, H, W), biased, with eps: the training-mode normaliser."""
-  return jnp.sqrt(jnp.var(h.astype(jnp.float32), axis=(0, 1, 2)) + BN_EPS)
+def batch_sd(h: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """Per-channel std over (B, H, W), biased, with eps: the training-mode normaliser.
+
+  h: (B, H, W, C) -> (C,) float32. Inside ``shard_map`` over the batch, ``axis_name`` names
+  the mesh axis the batch is split on: the statistics are then the *global* batch's (two
+  all-reduces of C values), as on one device.
+  """
+  h = h.astype(jnp.float32)
+  if axis_name is None:
+    return jnp.sqrt(jnp.var(h, axis=(0, 1, 2)) + BN_EPS)
+  mean = jax.lax.pmean(jnp.mean(h, axis=(0, 1, 2)), axis_name)
+  var = jax.lax.pmean(jnp.mean(jnp.square(h - mean), axis=(0, 1, 2)), axis_name)
+  return jnp.sqrt(var + BN_EPS)
 
 
-def block_train(x, kernel, gain, impl: str = "auto"):
+def block_train(x, kernel, gain, impl: str = "auto", axis_name: str | None = None):
   """conv -> bias-free batch norm (batch statistics) -> ReLU; returns (y, sd)."""
   h = conv2d(x, kernel, impl)
-  sd = batch_sd(h)
+  sd = batch_sd(h, axis_name)
   return nn.relu(h * (gain / sd).astype(h.dtype)), jax.lax.stop_gradient(sd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def block_train_remat(x, kernel, gain, impl="auto"):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def block_train_remat(x, kernel, gain, impl="auto", axis_name=None):
   """``block_train`` keeping only its input for the backward pass, which recomputes the rest.
 
   (jax.checkpoint's optimisation barriers are dropped by XLA:CPU, whose CSE then merges the
   recomputation back into the forward pass; a conditional on a runtime predicate keeps the
   recomputation separate on every backend.)
   """
-  return block_train(x, kernel, gain, impl)
+  return block_train(x, kernel, gain, impl, axis_name)
 
 
-def _remat_fwd(x, kernel, gain, impl):
-  return block_train(x, kernel, gain, impl), (x, kernel, gain)
+def _remat_fwd(x, kernel, gain, impl, axis_name):
+  return block_train(x, kernel, gain, impl, axis_name), (x, kernel, gain)
 
 
-def _remat_bwd(impl, res, cotangents):
+def _remat_bwd(impl, axis_name, res, cotangents):
   x, kernel, gain = res
   gy, _ = cotangents  # sd is a statistic, not differentiated
 
   def recompute(operands):
     x, kernel, gain, gy = operands
-    _, vjp = jax.vjp(lambda *a: block_train(*a, impl)[0], x, kernel, gain)
+    _, vjp = jax.vjp(lambda *a: block_train(*a, impl, axis_name)[0], x, kernel, gain)
     return vjp(gy)
 
   def non_finite(operands):  # a non-finite cotangent: NaN gradients, as without remat
     return tuple(jnp.full_like(a, jnp.nan) for a in operands[:3])
 
   ok = jnp.isfinite(jnp.sum(gy))
+  if axis_name is not None:  # one branch on every device: the recomputation has collectives
+    ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name) > 0
   return jax.lax.cond(ok, recompute, non_finite, (x, kernel, gain, gy))
 
 
@@ -280,6 +292,7 @@ class Block(nn.Module):
   remat: bool = False
   bn_momentum: float = BN_MOMENTUM
   gain_init: float | None = None  # see gain_initializer
+  axis_name: str | None = None  # the mesh axis of the batch inside shard_map (see batch_sd)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -291,7 +304,7 @@ class Block(nn.Module):
     if not train:  # the norm's per-channel scale folded into the kernel, ReLU fused
       return conv2d(x, kernel * (gain / running_sd.value), self.conv_impl, relu=True)
     fn = block_train_remat if self.remat else block_train
-    y, sd = fn(x, kernel, gain, self.conv_impl)
+    y, sd = fn(x, kernel, gain, self.conv_impl, self.axis_name)
     if not self.is_initializing():
       running_sd.value = (1 - self.bn_momentum) * running_sd.value + self.bn_momentum * sd
     return y
@@ -305,6 +318,7 @@ class BFCNN(nn.Module):
   dtype: Any = jnp.float32
   bn_momentum: float = BN_MOMENTUM
   gain_init: float | None = None  # None: the paper's (see gain_initializer)
+  axis_name: str | None = None  # training inside shard_map: the batch's mesh axis (batch_sd)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -318,7 +332,7 @@ class BFCNN(nn.Module):
       x = nn.relu(x)
     for l in range(1, s.num_layers - 1):
       x = Block(s.features, s.kernel_sizes[l], self.conv_impl, self.remat, self.bn_momentum,
-                self.gain_init, name=f"block_{l}")(x, train)
+                self.gain_init, self.axis_name, name=f"block_{l}")(x, train)
     x = Conv(s.out_channels, s.kernel_sizes[-1], self.conv_impl, name=f"conv_{s.num_layers - 1}")(x)
     return x.astype(out_dtype)
 

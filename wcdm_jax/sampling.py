@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from wcdm_jax import models, validation, wavelets
+from jax.sharding import Mesh
+
+from wcdm_jax import models, parallel, validation, wavelets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +108,7 @@ def _cond_residual(net: models.NetSpec, variables, cond: jax.Array, cfg: AscentC
 
 
 def _per_sample_normal(keys: jax.Array, t, shape) -> jax.Array:
-  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(keys)
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape, jnp.float32))(keys)
 
 
 def ascent(keys: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], shape: Sequence[int],
@@ -132,7 +134,7 @@ def ascent(keys: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], shape
   def active_step(carry, t):
     y, active, steps, aborted = carry
     d = residual_fn(y)
-    sigma = jnp.sqrt(jnp.sum(jnp.square(d), axes)) / np.sqrt(n)  # (B,)
+    sigma = jnp.sqrt(jnp.sum(jnp.square(d), axes)) / float(np.sqrt(n))  # (B,)
     h = step_size(t, cfg)
     gamma = noise_amplitude(sigma, h, cfg.beta)
     z = _per_sample_normal(keys, t, shape)
@@ -192,9 +194,15 @@ def rescale_min_max(x: jax.Array, lo: float, hi: float) -> jax.Array:
   return lo + (hi - lo) * (x - mn) / jnp.maximum(mx - mn, 1e-12)
 
 
-@functools.partial(jax.jit, static_argnames=("cond_cfgs", "conv_impl"))
-def _refine(keys, params: models.ModelParams, low, cond_cfgs, conv_impl="auto"):
-  """Details of levels J-1 .. 0 given the low-pass x_J: returns [x_J, ..., x_0], infos."""
+@functools.partial(jax.jit, static_argnames=("cond_cfgs", "conv_impl", "mesh"))
+def _refine(keys, params: models.ModelParams, low, cond_cfgs, conv_impl="auto", mesh=None):
+  """Details of levels J-1 .. 0 given the low-pass x_J: returns [x_J, ..., x_0], infos; the
+  batch split over ``mesh`` when given (``parallel.map_batch``)."""
+  return parallel.map_batch(
+      lambda k, lo, p: _refine_local(k, p, lo, cond_cfgs, conv_impl), mesh, (keys, low), (params,))
+
+
+def _refine_local(keys, params: models.ModelParams, low, cond_cfgs, conv_impl):
   spec = params.spec
   signs = wavelets.mirror_signs(spec.wavelet, spec.channels)
   outs, infos = [low], []
@@ -210,18 +218,20 @@ def _refine(keys, params: models.ModelParams, low, cond_cfgs, conv_impl="auto"):
   return outs, infos
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "cfg", "conv_impl"))
-def _global_ascent(keys, params: models.ModelParams, shape, cfg, conv_impl="auto"):
-  level_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
-  f = params.residual_fn(params.spec.low.name, conv_impl)
-  return ascent(level_keys, mirrored_residual(f) if cfg.flip_average else f, shape, cfg)
+@functools.partial(jax.jit, static_argnames=("shape", "cfg", "conv_impl", "mesh"))
+def _global_ascent(keys, params: models.ModelParams, shape, cfg, conv_impl="auto", mesh=None):
+  def local(keys, params):
+    level_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+    f = params.residual_fn(params.spec.low.name, conv_impl)
+    return ascent(level_keys, mirrored_residual(f) if cfg.flip_average else f, shape, cfg)
+  return parallel.map_batch(local, mesh, (keys,), (params,))
 
 
 def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None = None, *,
            image_size: Sequence[int] | None = None, low_config: AscentConfig = RELEASE_LOW,
            cond_config: AscentConfig | Sequence[AscentConfig] | None = None,
            low_rescale: tuple[float, float] | None = None, return_intermediates: bool = False,
-           conv_impl: str = "auto"):
+           conv_impl: str = "auto", mesh: Mesh | None = None):
   """Unconditional samples (N, H, W, C), coarse to fine.
 
   key: one key (then ``num_samples``, default 1) or a (N,) batch of keys; sample i depends
@@ -234,10 +244,14 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
   augmentation); None keeps the sampled low-pass as is.
   return_intermediates: also return ([x_J, ..., x_0], per-scale AscentInfo list, coarse
   first).
+  mesh: split the samples over this mesh's 'data' axis (``parallel.make_mesh()``: every
+  device), each device running the ascent of its own samples; default: the mesh ``key`` is
+  sharded on, if it is a sharded batch of keys, else one device. Results equal one device's.
   """
   models.check_params(params)
   spec = params.spec
   keys = validation.keys(key, num_samples)
+  mesh = parallel.resolve_mesh(mesh, keys)
   h, w = validation.size(spec.image_size if image_size is None else image_size, "image_size")
   if spec.levels and spec.mode == wavelets.PERIODIZATION:
     wavelets.check_size(h, w, spec.levels)
@@ -245,10 +259,10 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
     low_rescale = validation.float_range(low_rescale, "low_rescale")
   _check_config(low_config, "low_config")
   shape = (h // 2 ** spec.levels, w // 2 ** spec.levels, spec.channels)
-  low, low_info = _global_ascent(keys, params, shape, low_config, conv_impl)
+  low, low_info = _global_ascent(keys, params, shape, low_config, conv_impl, mesh)
   if low_rescale is not None:
     low = rescale_min_max(low, *low_rescale)
-  outs, infos = _refine(keys, params, low, _cond_configs(spec, cond_config), conv_impl)
+  outs, infos = _refine(keys, params, low, _cond_configs(spec, cond_config), conv_impl, mesh)
   if return_intermediates:
     return outs[-1], outs, [low_info] + infos
   return outs[-1]
@@ -256,12 +270,15 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
 
 def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array, *,
                   cond_config: AscentConfig | Sequence[AscentConfig] | None = None,
-                  return_intermediates: bool = False, conv_impl: str = "auto"):
+                  return_intermediates: bool = False, conv_impl: str = "auto",
+                  mesh: Mesh | None = None):
   """Synthesise the details of J levels given low-pass images: (B, h, w, C) -> (B, 2^J h,
   2^J w, C), i.e. 4x with J = 2, 8x with J = 3.
 
   low_res: the normalised low-pass x_J (local averages, pixel units), e.g.
-  ``wavelets.decompose(images, J).low``. key: one key or a (B,) batch of keys.
+  ``wavelets.decompose(images, J).low``. key: one key or a (B,) batch of keys. mesh: split
+  the batch over this mesh's 'data' axis; default: the mesh ``low_res`` is sharded on, if
+  any (``parallel``).
   """
   models.check_params(params)
   spec = params.spec
@@ -276,6 +293,7 @@ def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array
         f"low-pass ({s[0] // 2 ** spec.levels}x{s[1] // 2 ** spec.levels}), e.g. "
         f"wcdm_jax.decompose(images, {spec.levels}).low")
   keys = validation.keys(key, low_res.shape[0])
+  mesh = parallel.resolve_mesh(mesh, low_res)
   outs, infos = _refine(keys, params, jnp.asarray(low_res, jnp.float32),
-                        _cond_configs(spec, cond_config), conv_impl)
+                        _cond_configs(spec, cond_config), conv_impl, mesh)
   return (outs[-1], outs, infos) if return_intermediates else outs[-1]

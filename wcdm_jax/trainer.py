@@ -7,6 +7,7 @@ checkpoint, and the RNG and the data position are pure functions of the step.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -184,8 +185,7 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
   """
   mesh = training.make_mesh()
   n_dev = mesh.devices.size
-  if cfg.batch_size % n_dev:
-    raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {n_dev} devices")
+  training.check_batch(cfg, mesh)
   names = _net_names(spec, run.nets)
   checkpoints.check_spec(run.workdir, spec)
   pi, pc = jax.process_index(), jax.process_count()
@@ -260,7 +260,7 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
       log(f"{name}: resumed at step {resumed[name]} from {n['mngr'].directory}")
     n["state"] = training.replicate(n["state"], mesh)
     n["step_fn"] = training.make_train_step(spec, name, n["tx"], cfg, mesh,
-                                            n["meta"]["noise_scale"])
+                                            n["meta"]["noise_scale"], n["idx"])
   try:
     final = _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, log)
     for name in names:
@@ -288,9 +288,9 @@ def _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, 
   writer = reporting.MetricsWriter(metrics_path, enabled=jax.process_index() == 0)
   eval_fns = {name: jax.jit(lambda v, k, name=name: evaluation.scale_psnr(
       spec, name, v, eval_images, run.eval_sigma, k, cfg.conv_impl)) for name in names}
-  start = min(int(n["state"].step) for n in nets.values())
+  saved = {name: int(n["state"].step) for name, n in nets.items()}  # once, before the loop
+  start = min(saved.values())
   end = max(n["total"] for n in nets.values())
-  saved = {name: int(n["state"].step) for name, n in nets.items()}
   bar = reporting.ProgressBar(end, "train")
   bar.update(start)
   final: dict[str, dict] = {}
@@ -301,9 +301,17 @@ def _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, 
     return _steps(cfg, run, nets, names, batches, eval_fns, mesh, writer, saved, bar, final, log)
 
 
+PREFETCH = 2  # global batches placed on the devices ahead of the step that uses them
+
+
 def _steps(cfg, run, nets, names, batches, eval_fns, mesh, writer, saved, bar, final, log):
+  """The steps, with host-side step counters: between two log, eval or checkpoint lines the
+  host only dispatches (under ``jax.transfer_guard_device_to_host('disallow')``), the next
+  ``PREFETCH`` global batches already on their way to the devices."""
   start, end = batches.start, batches.stop
   t0, steps_done = time.time(), 0
+  counters = {n: saved[n] for n in names}  # each net's step, as its state holds it
+  ahead: collections.deque = collections.deque()
 
   def non_finite(name, what, step):
     return checkpoints.NonFiniteError(
@@ -311,17 +319,24 @@ def _steps(cfg, run, nets, names, batches, eval_fns, mesh, writer, saved, bar, f
         f"checkpoint there is intact: rerunning resumes from it. Lower the learning rate "
         f"(--learning_rate) or check the data for non-finite pixels")
 
+  def fill():
+    # Consumed every step (the iterator stays at the loop's step); placed asynchronously.
+    while len(ahead) < PREFETCH and batches.step < end:
+      ahead.append(training.global_batch(next(batches), mesh))
+
   for step in range(start, end):
-    host_batch = next(batches)  # consumed every step: the iterator stays at the loop's step
-    active = [n for n in names if int(nets[n]["state"].step) == step < nets[n]["total"]]
+    fill()
+    images = ahead.popleft()
+    active = [n for n in names if counters[n] == step < nets[n]["total"]]
     if not active:
       continue
-    images = training.global_batch(host_batch, mesh)
     metrics = {}
-    for name in active:
-      n = nets[name]
-      n["state"], m = n["step_fn"](n["state"], images, training.step_key(cfg.seed, step, n["idx"]))
-      metrics[name] = m
+    with jax.transfer_guard_device_to_host("disallow"):
+      for name in active:
+        n = nets[name]
+        n["state"], metrics[name] = n["step_fn"](n["state"], images)
+        counters[name] += 1
+      fill()
     steps_done += 1
     done = step + 1
     last = done == end or (run.stop_after and steps_done >= run.stop_after)

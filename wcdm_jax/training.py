@@ -41,7 +41,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from wcdm_jax import models, wavelets
+from wcdm_jax import models, parallel, wavelets
 
 
 # The optimisation recipes: the paper's (method.md §4) and this project's default, chosen by
@@ -300,7 +300,7 @@ def noise_draws(key: jax.Array, n: int, cfg: TrainConfig) -> tuple[jax.Array, ja
     k = jax.random.randint(key, (n,), cfg.noise_min, cfg.noise_max + 1)
   else:
     k_shift, k_order = jax.random.split(key)
-    u = (jnp.arange(n) + jax.random.uniform(k_shift)) / n  # (n,) in [0, 1)
+    u = (jnp.arange(n) + jax.random.uniform(k_shift, (), jnp.float32)) / n  # (n,) in [0, 1)
     width = cfg.noise_max - cfg.noise_min + 1
     k = cfg.noise_min + jnp.minimum(jnp.floor(u * width).astype(jnp.int32), width - 1)
     k = jax.random.permutation(k_order, k)
@@ -350,7 +350,7 @@ def net_example(spec: models.ModelSpec, name: str, images: jax.Array, key: jax.A
     else:
       clean, cond = details[net.level], lows[net.level]
   if augmented(net.kind, cfg):
-    a = jax.random.uniform(k_int, (b, 1, 1, 1))
+    a = jax.random.uniform(k_int, (b, 1, 1, 1), jnp.float32)
     clean = clean * a
     cond = None if cond is None else cond * a
   noise = jax.random.normal(k_noise, clean.shape, clean.dtype) * std[:, None, None, None]
@@ -439,12 +439,18 @@ def detail_noise_scales(spec: models.ModelSpec, batches: list[np.ndarray]) -> di
 
 def loss_fn(params, batch_stats, net: models.NetSpec, noisy, noise, *, weights=None,
             return_errors=False, conv_impl="auto", remat=False, dtype="float32",
-            bn_momentum=models.BN_MOMENTUM):
+            bn_momentum=models.BN_MOMENTUM, axis_name: str | None = None,
+            batch_size: int | None = None):
   """Summed squared error between the net's output and ``noise`` (per image times
   ``weights`` (B,) when given), divided by the batch size; and the new batch statistics
-  (with ``return_errors``: (them, (B,) each image's mean squared error per pixel))."""
+  (with ``return_errors``: (them, (B,) each image's mean squared error per pixel)).
+
+  Inside ``shard_map`` over the batch: ``axis_name`` is the batch's mesh axis (the batch
+  norm's statistics are then the global batch's) and ``batch_size`` the global batch size
+  (the result is this shard's part of the loss; their sum over the shards is the loss).
+  """
   model = models.BFCNN(net, conv_impl=conv_impl, remat=remat, dtype=jnp.dtype(dtype),
-                       bn_momentum=bn_momentum)
+                       bn_momentum=bn_momentum, axis_name=axis_name)
   pred, updates = model.apply({"params": params, "batch_stats": batch_stats}, noisy, train=True,
                               mutable=["batch_stats"])
   sq = jnp.square(pred - noise)
@@ -453,32 +459,71 @@ def loss_fn(params, batch_stats, net: models.NetSpec, noisy, noise, *, weights=N
     aux = (aux, jax.lax.stop_gradient(jnp.mean(sq, axis=(1, 2, 3))))
   if weights is not None:
     sq = jnp.sum(sq, axis=(1, 2, 3)) * weights  # (B,)
-  return jnp.sum(sq) / noisy.shape[0], aux
+  return jnp.sum(sq) / (batch_size or noisy.shape[0]), aux
 
 
 def make_mesh(devices=None) -> Mesh:
-  """1-D mesh over all devices of all hosts (or ``devices``), axis 'data'."""
-  return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+  """1-D mesh over all devices of all hosts (or ``devices``), axis 'data' (``parallel``)."""
+  return parallel.make_mesh(devices)
+
+
+def sharded_loss(net: models.NetSpec, cfg: TrainConfig, mesh: Mesh, weighted: bool) -> Callable:
+  """``loss(params, batch_stats, noisy, noise[, weights]) -> (loss, (batch_stats, errors))``,
+  the global batch's ``loss_fn``, computed data-parallel: each device runs the net forward
+  (and, under ``jax.grad``, backward) on its own shard of the batch inside ``shard_map``;
+  the batch norm's statistics are all-reduced (``models.batch_sd``) and so, by the
+  transpose of the shard_map, is the gradient of the replicated parameters. Nothing of
+  the size of an activation crosses devices."""
+  def local(params, batch_stats, noisy, noise, *weights):
+    loss, (stats, errors) = loss_fn(
+        params, batch_stats, net, noisy, noise, weights=weights[0] if weights else None,
+        return_errors=True, conv_impl=cfg.conv_impl, remat=cfg.remat, dtype=cfg.dtype,
+        bn_momentum=cfg.bn_momentum, axis_name=parallel.DATA_AXIS, batch_size=cfg.batch_size)
+    return jax.lax.psum(loss, parallel.DATA_AXIS), (stats, errors)
+
+  data, rep = P(parallel.DATA_AXIS), P()
+  return jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, data, data) + ((data,) * weighted),
+                       out_specs=(rep, (rep, data)))
+
+
+def check_batch(cfg: TrainConfig, mesh: Mesh) -> None:
+  """ValueError naming the sizes unless the training batch divides over the mesh's devices."""
+  n = parallel.data_size(mesh)
+  if cfg.batch_size % n:
+    raise ValueError(f"batch_size {cfg.batch_size} does not divide over the {n} devices "
+                     f"({mesh.devices.flat[0].platform}); use a multiple of {n}, e.g. "
+                     f"{max(n, cfg.batch_size // n * n)} or {(cfg.batch_size // n + 1) * n}")
 
 
 def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransformation,
-                    cfg: TrainConfig, mesh: Mesh, noise_scale: float = 1.0) -> Callable:
-  """Jitted ``step(state, images, key) -> (state, metrics)`` for one net.
+                    cfg: TrainConfig, mesh: Mesh, noise_scale: float = 1.0,
+                    net_index: int | None = None) -> Callable:
+  """Jitted ``step(state, images) -> (state, metrics)`` for one net.
 
   images: global (B, H, W, C) array sharded on the mesh's 'data' axis; state replicated
-  and donated.
+  and donated. The step's RNG key is ``step_key(cfg.seed, state.step, net_index)``, folded
+  in on the device (net_index: the net's index in ``spec.nets`` unless given), so the host
+  never waits for the step counter. The forward and backward passes run data-parallel
+  (``sharded_loss``).
   """
+  parallel.check_mesh(mesh)
+  check_batch(cfg, mesh)
   net = spec.nets[name]
   scale = net_scale(spec, name)
+  index = list(spec.nets).index(name) if net_index is None else net_index
+  data = NamedSharding(mesh, P(parallel.DATA_AXIS))
+  weighted = cfg.loss_weighting != "none"
+  loss = sharded_loss(net, cfg, mesh, weighted)
 
-  def step(state: TrainState, images: jax.Array, key: jax.Array):
+  def step(state: TrainState, images: jax.Array):
+    key = step_key(cfg.seed, state.step, index)
     ex = net_example(spec, name, images, key, cfg, noise_scale)
-    noisy = jax.lax.with_sharding_constraint(ex.noisy, NamedSharding(mesh, P("data")))
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (batch_stats, errors)), grads = grad_fn(
-        state.params, state.batch_stats, net, noisy, ex.noise,
-        weights=loss_weights(ex, cfg, state.loss_stats, scale), return_errors=True,
-        conv_impl=cfg.conv_impl, remat=cfg.remat, dtype=cfg.dtype, bn_momentum=cfg.bn_momentum)
+    noisy = jax.lax.with_sharding_constraint(ex.noisy, data)
+    noise = jax.lax.with_sharding_constraint(ex.noise, data)
+    weights = loss_weights(ex, cfg, state.loss_stats, scale)
+    args = (noisy, noise) + ((jax.lax.with_sharding_constraint(weights, data),) if weighted else ())
+    (value, (batch_stats, errors)), grads = jax.value_and_grad(loss, has_aux=True)(
+        state.params, state.batch_stats, *args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
@@ -490,22 +535,23 @@ def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransfo
       loss_stats = update_loss_stats(loss_stats, ex.level, errors)
     new = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                      opt_state=opt_state, ema=ema, loss_stats=loss_stats)
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return new, {"loss": value, "grad_norm": optax.tree.norm(grads)}
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, P("data")), replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return jax.jit(step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                 donate_argnums=(0,))
 
 
 def global_batch(host_batch: np.ndarray, mesh: Mesh) -> jax.Array:
   """This host's share of the batch -> the global array sharded along 'data'."""
-  return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), host_batch)
+  return parallel.global_batch(host_batch, mesh)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  return parallel.replicate(tree, mesh)
 
 
-def step_key(seed: int, step: int, net_index: int) -> jax.Array:
-  """The RNG key of one net's step: a pure function of (seed, step, net), so resumable."""
+def step_key(seed: int, step, net_index: int) -> jax.Array:
+  """The RNG key of one net's step: a pure function of (seed, step, net), so resumable.
+  ``step`` may be a traced scalar (the train step folds it in on the device)."""
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), net_index)

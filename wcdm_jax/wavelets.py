@@ -57,7 +57,8 @@ def _filters(wavelet: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"unknown wavelet {wavelet!r}; use one of pywt.wavelist(kind='discrete')") from e
   if not w.orthogonal:
     raise ValueError(f"wavelet {wavelet!r} is not orthogonal; use e.g. 'haar', 'db2', 'sym4', 'coif1'")
-  return np.asarray(w.dec_lo, np.float64), np.asarray(w.dec_hi, np.float64)
+  # float32 taps: a float32 image stays float32 with jax_enable_x64 on (float64 ones stay f64)
+  return np.asarray(w.dec_lo, np.float32), np.asarray(w.dec_hi, np.float32)
 
 
 def check_wavelet(wavelet: str, mode: str = PERIODIZATION) -> None:

@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wcdm_jax import denoising, models, sampling, validation, wavelets
+from jax.sharding import Mesh
+
+from wcdm_jax import denoising, models, parallel, sampling, validation, wavelets
 from wcdm_jax.inverse import operators as ops
 
 
@@ -100,7 +102,7 @@ def constrained_ascent(keys: jax.Array, residual_fn, op: ops.Operator, measureme
   bshape = (b,) + (1,) * (y0.ndim - 1)
   m_xc = op.adjoint(measurements)  # M x_c
   acfg = _ascent_config(cfg)
-  norm = lambda v: jnp.sqrt(jnp.sum(jnp.square(v), axes)) / np.sqrt(n)  # (B,)
+  norm = lambda v: jnp.sqrt(jnp.sum(jnp.square(v), axes)) / float(np.sqrt(n))  # (B,)
 
   def active_step(carry, t):
     y, active, sigma_prev, steps, aborted = carry
@@ -109,7 +111,7 @@ def constrained_ascent(keys: jax.Array, residual_fn, op: ops.Operator, measureme
     sigma = norm(d)
     h = sampling.step_size(t, acfg)
     gamma = sampling.noise_amplitude(sigma, h, cfg.beta)
-    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), y.shape[1:]))(keys)
+    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), y.shape[1:], y.dtype))(keys)
     y_new = y - h * d + gamma.reshape(bshape) * z
     abort = (sigma > cfg.abort_sigma) | ~jnp.isfinite(sigma)
     move = active & ~abort
@@ -140,7 +142,7 @@ def initial_state(keys: jax.Array, op: ops.Operator, measurements: jax.Array,
   b = measurements.shape[0]
   ones = jnp.ones((b,) + tuple(image_shape), jnp.float32)
   mean = 0.5 * (ones - op.project(ones)) + op.adjoint(measurements)
-  z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), tuple(image_shape)))(keys)
+  z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), tuple(image_shape), jnp.float32))(keys)
   return mean + sigma_0 * z
 
 
@@ -151,8 +153,13 @@ def residual(params: models.ModelParams, conv_impl: str = "auto"):
   return lambda y: y - denoising.denoise(params, y, conv_impl=conv_impl)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "conv_impl"))
-def _plugin(keys, params, op, measurements, cfg, conv_impl):
+@functools.partial(jax.jit, static_argnames=("cfg", "conv_impl", "mesh"))
+def _plugin(keys, params, op, measurements, cfg, conv_impl, mesh=None):
+  return parallel.map_batch(lambda k, m, p, o: _plugin_local(k, p, o, m, cfg, conv_impl), mesh,
+                            (keys, measurements), (params, op))
+
+
+def _plugin_local(keys, params, op, measurements, cfg, conv_impl):
   shape = op.image_shape()
   y0 = initial_state(keys, op, measurements, shape, cfg.sigma_0)
   x, info = constrained_ascent(keys, residual(params, conv_impl), op, measurements, y0, cfg)
@@ -206,7 +213,7 @@ def check_problem(params: models.ModelParams, op: ops.Operator, image_shape: ops
 
 def solve(key: jax.Array, params: models.ModelParams, op: ops.Operator, measurements: jax.Array,
           *, config: SolverConfig | None = None, return_info: bool = False,
-          conv_impl: str = "auto"):
+          conv_impl: str = "auto", mesh: Mesh | None = None):
   """Images (B, H, W, C) consistent with ``measurements`` = ``op.forward(images)``, drawn
   with the prior of ``params`` (flat or multi-scale).
 
@@ -215,7 +222,8 @@ def solve(key: jax.Array, params: models.ModelParams, op: ops.Operator, measurem
   return_info: also return a ``sampling.AscentInfo`` (steps, sigmas, aborted, converged; for
   the coarse-to-fine solver, a list of one per level, coarse first).
   The image shape is the operator's, else (for BlockAverage) the measurements' times the
-  factor, else the model's training size.
+  factor, else the model's training size. mesh: split the batch over this mesh's 'data'
+  axis; default: the mesh ``measurements`` is sharded on, if any (``parallel``).
   """
   models.check_params(params)
   cfg = SolverConfig() if config is None else config
@@ -231,13 +239,15 @@ def solve(key: jax.Array, params: models.ModelParams, op: ops.Operator, measurem
   op.check_measurements(measurements, shape)
   cfg = resolve(cfg, op)
   keys = validation.keys(key, measurements.shape[0])
+  mesh = parallel.resolve_mesh(mesh, measurements)
   measurements = jnp.asarray(measurements)
   if not jnp.iscomplexobj(measurements):
     measurements = measurements.astype(jnp.float32)
   if uses_coarse_to_fine(params, op, cfg):
     low = measurements / op.factor  # block means = the J-level Haar low-pass
     out = sampling.super_resolve(keys, params, low, cond_config=cfg.cond_config,
-                                 return_intermediates=return_info, conv_impl=conv_impl)
+                                 return_intermediates=return_info, conv_impl=conv_impl,
+                                 mesh=mesh)
     return (out[0], out[2]) if return_info else out
-  x, info = _plugin(keys, params, op, measurements, cfg, conv_impl)
+  x, info = _plugin(keys, params, op, measurements, cfg, conv_impl, mesh)
   return (x, info) if return_info else x
