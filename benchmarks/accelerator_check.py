@@ -1,6 +1,8 @@
 r"""Accelerator figures in one run (see accelerator_check.sh): train-step images/s and model FLOP
-utilisation of the three celeba160 nets in float32 and bfloat16, the input pipeline's images/s
-on this host, and multi-scale synthesis images/min at 160x160.
+utilisation of the three celeba160 nets in float32 and bfloat16, the step's images/s on 1, 2,
+4, ... local devices (scaling efficiency) with the bytes each compiled step communicates, the
+input pipeline's images/s on this host, and multi-scale synthesis images/min at 160x160 on
+all local devices.
 
   python benchmarks/accelerator_check.py            # batch 512, release synthesis settings
   python benchmarks/accelerator_check.py --tiny     # a CPU-sized smoke run of every part
@@ -18,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from wcdm_jax import data, models, pipeline, sampling, training  # pylint: disable=g-import-not-at-top
+from wcdm_jax import data, models, parallel, pipeline, sampling, training  # pylint: disable=g-import-not-at-top
 
 # Dense peak TFLOP/s per device: (float32 as XLA runs it by default, i.e. TF32 on NVIDIA
 # tensor cores; bfloat16).
@@ -38,15 +40,20 @@ def peak_tflops(dtype: str, override: float):
   return None
 
 
-def train_figures(spec, batch, steps, dtype):
+def train_figures(spec, batch, steps, dtype, devices=None):
+  """(images/s, model FLOP/s, last loss, bytes the compiled steps' collectives move)."""
   cfg = training.TrainConfig(batch_size=batch, dtype=dtype)
-  mesh = training.make_mesh()
-  fns, states, flops = [], [], 0.0
+  mesh = training.make_mesh(devices)
+  fns, states, flops, moved = [], [], 0.0, 0
   for i, (name, net) in enumerate(spec.nets.items()):
     tx = training.make_optimizer(spec, name, cfg)
     states.append(training.replicate(training.init_state(jax.random.key(i), net, tx, cfg),
                                      mesh))
     fns.append(training.make_train_step(spec, name, tx, cfg, mesh))
+    shape = jax.ShapeDtypeStruct((batch,) + spec.image_size + (1,), np.float32,
+                                 sharding=parallel.batch_sharding(mesh))
+    hlo = fns[-1].lower(states[-1], shape).compile().as_text()
+    moved += sum(b for _, b in parallel.collective_summary(hlo).values())
     side = spec.image_size[0] // 2 ** (spec.levels if net.kind == "low" else net.level + 1)
     flops += 3.0 * net.flops_per_pixel() * side * side  # per training image
   images = training.global_batch(
@@ -55,7 +62,7 @@ def train_figures(spec, batch, steps, dtype):
   def run(n, offset):
     for s in range(n):
       for i, fn in enumerate(fns):
-        states[i], m = fn(states[i], images, jax.random.key(offset + s))
+        states[i], m = fn(states[i], images)
     jax.block_until_ready(m["loss"])
     return float(m["loss"])
 
@@ -63,7 +70,7 @@ def train_figures(spec, batch, steps, dtype):
   t0 = time.perf_counter()
   loss = run(steps, 10)
   dt = (time.perf_counter() - t0) / steps
-  return batch / dt, flops * batch / dt, loss
+  return batch / dt, flops * batch / dt, loss, moved
 
 
 def input_rate(folder, batch, batches, workers, processes):
@@ -83,8 +90,9 @@ def synthesis_rate(spec, batch, low_steps, cond_steps):
                               max_steps=low_steps, abort_sigma=1e9)
   cond = sampling.AscentConfig(h0=0.01, beta=0.5, sigma_L=1e-9, max_steps=cond_steps,
                                abort_sigma=1e9)
+  mesh = parallel.make_mesh(jax.local_devices())
   run = lambda seed: sampling.sample(jax.random.key(seed), params, batch, low_config=low,
-                                     cond_config=cond).block_until_ready()
+                                     cond_config=cond, mesh=mesh).block_until_ready()
   run(0)
   t0 = time.perf_counter()
   run(1)
@@ -110,11 +118,21 @@ def main():
     batch, steps, in_batch, in_batches, syn_batch, low_steps, cond_steps = (
         512, 10, 512, 8, 64, 8521, 100)
   for dtype in ("float32", "bfloat16"):
-    rate, flops, loss = train_figures(spec, batch, steps, dtype)
+    rate, flops, loss, moved = train_figures(spec, batch, steps, dtype)
     peak = peak_tflops(dtype, args.peak_tflops)
-    mfu = f"{flops / 1e12 / peak:.1%}" if peak else "n/a (unknown peak: --peak_tflops)"
-    print(f"train step, {dtype}: {rate:.0f} images/s (low + cond0 + cond1, batch {batch}), "
-          f"{flops / 1e12:.1f} model TFLOP/s, MFU {mfu}, loss {loss:.3g}")
+    mfu = (f"{flops / 1e12 / peak / len(dev):.1%}" if peak
+           else "n/a (unknown peak: --peak_tflops)")
+    print(f"train step, {dtype}: {rate:.0f} images/s (low + cond0 + cond1, batch {batch}, "
+          f"{len(dev)} devices), {flops / 1e12:.1f} model TFLOP/s, MFU {mfu}, loss {loss:.3g}, "
+          f"{moved / 2**20:.2f} MiB communicated per step")
+  counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= len(jax.local_devices())]
+  base = None
+  for n in counts:  # the global batch per device fixed: weak scaling
+    rate, _, _, moved = train_figures(spec, batch // max(counts) * n, steps, "float32",
+                                      jax.local_devices()[:n])
+    base = base or rate
+    print(f"scaling, float32: {n} devices {rate:.0f} images/s, efficiency "
+          f"{rate / (base * n):.0%}, {moved / 2**20:.2f} MiB communicated per step")
   if os.path.isdir(args.folder):
     cores = len(os.sched_getaffinity(0))
     for workers, processes in ((pipeline.default_workers(None), pipeline.default_processes()),):

@@ -111,7 +111,7 @@ def train_step_rate(batch: int, steps: int) -> float:
 
   def step(s):
     for i, fn in enumerate(fns):
-      states[i], m = fn(states[i], images, jax.random.key(s))
+      states[i], m = fn(states[i], images)
     jnp.asarray(m["loss"]).block_until_ready()
 
   step(0)

@@ -20,6 +20,13 @@ def setup_logging() -> None:
   _LOGGER.propagate = False
 
 
+def local_mesh():
+  """A mesh over every local device: the CLIs split their batches over all of them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import parallel  # pylint: disable=g-import-not-at-top
+  return parallel.make_mesh(jax.local_devices())
+
+
 def check_native_setting() -> None:
   """End the program with one line when WCDM_JAX_NATIVE_ISA is impossible on this CPU."""
   from wcdm_jax import conv  # pylint: disable=g-import-not-at-top

@@ -76,6 +76,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   common.setup_logging()
   common.check_native_setting()
+  mesh = common.local_mesh()  # every local device: batches are split over them
   from wcdm_jax import evaluation, likelihood, plots  # pylint: disable=g-import-not-at-top
   if not (FLAGS.psnr or FLAGS.nll):
     raise app.UsageError("--nopsnr without --nll leaves nothing to evaluate")
@@ -105,7 +106,7 @@ def main(argv):
     nll = {}
     for name, params in models.items():
       r = likelihood.dataset_log_prob(params, images, seed=FLAGS.seed, config=nll_cfg,
-                                      batch_size=FLAGS.batch_size)
+                                      batch_size=FLAGS.batch_size, mesh=mesh)
       common.require_finite(f"the log-likelihood of model {name!r}", r["bits_per_pixel"])
       r["kind"] = "multi-scale" if params.spec.levels else "flat"
       nll[name] = r
@@ -126,7 +127,7 @@ def main(argv):
   results = {}
   for name, params in models.items():
     curve = evaluation.denoising_curve(params, images, [s / 255 for s in levels], FLAGS.seed,
-                                       FLAGS.batch_size)
+                                       FLAGS.batch_size, mesh=mesh)
     common.require_finite(f"the denoising PSNRs of model {name!r}", curve["psnr_in"],
                           curve["psnr_out"])
     curve["noise_std_255"] = levels

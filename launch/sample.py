@@ -63,6 +63,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
   common.setup_logging()
   common.check_native_setting()
+  mesh = common.local_mesh()  # every local device: batches are split over them
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -143,7 +144,8 @@ def main(argv):
                f"({spec.levels} levels)")
     run = lambda: sampling.sample(
         jax.random.key(FLAGS.seed), params, FLAGS.num_samples, image_size=size,
-        low_config=low_cfg, cond_config=conds, low_rescale=rescale, return_intermediates=True)
+        low_config=low_cfg, cond_config=conds, low_rescale=rescale, return_intermediates=True,
+        mesh=mesh)
     images, scales, infos = run()
     images.block_until_ready()
     dt = time.time() - t0
@@ -172,7 +174,8 @@ def main(argv):
     if spec.levels:
       low = wcdm_jax.decompose(clean, spec.levels, spec.wavelet, spec.mode).low
       sr, _, sr_infos = sampling.super_resolve(jax.random.key(FLAGS.seed + 1), params, low,
-                                               cond_config=conds, return_intermediates=True)
+                                               cond_config=conds, return_intermediates=True,
+                                               mesh=mesh)
       common.require_finite("the super-resolved images", sr)
       arrays.update(low_res=np.asarray(low), super_resolved=np.asarray(sr))
       rows += [low, sr]
@@ -188,7 +191,7 @@ def main(argv):
     rows = [clean]
     for i, s in enumerate(sigmas):
       noisy = clean + s * jax.random.normal(jax.random.key(100 + i), clean.shape)
-      den = wcdm_jax.denoise(params, noisy)
+      den = wcdm_jax.denoise(params, noisy, mesh=mesh)
       common.require_finite(f"the denoised images (sigma {s})", den)
       arrays[f"noisy_{s}"], arrays[f"denoised_{s}"] = np.asarray(noisy), np.asarray(den)
       rows += [noisy, den]

@@ -75,6 +75,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
   common.setup_logging()
   common.check_native_setting()
+  mesh = common.local_mesh()  # every local device: batches are split over them
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -131,7 +132,8 @@ def main(argv):
     parts, steps, aborted, converged = [], [], 0, 0
     for start in range(0, len(images), FLAGS.batch_size):
       sl = slice(start, start + FLAGS.batch_size)
-      x, info = inverse.solve(keys[sl], params, op, measured[sl], config=cfg, return_info=True)
+      x, info = inverse.solve(keys[sl], params, op, measured[sl], config=cfg, return_info=True,
+                              mesh=mesh)
       infos = info if isinstance(info, list) else [info]
       parts.append(np.asarray(x))
       steps.append(np.sum([np.asarray(i.steps) for i in infos], 0))

@@ -45,8 +45,22 @@ def test_accelerator_check_tiny():
                        timeout=300, env=env, cwd=REPO)
   assert res.returncode == 0, res.stderr[-3000:]
   for what in ("train step, float32", "train step, bfloat16", "MFU", "input pipeline",
-               "synthesis"):
+               "synthesis", "scaling, float32: 1 devices", "MiB communicated per step"):
     assert what in res.stdout, what
+
+
+def test_scaling_benchmark_reads_the_compiled_steps():
+  """bench_scaling's table: every net's step on 2 and 4 simulated devices moves about the
+  gradients' bytes (ratio to the lower bound <= 2) with all-reduces only, and its FLOPs per
+  device fall with the device count."""
+  out = _run("bench_scaling.py", "--tiny", "--devices=1,2,4")
+  rows = [l.split() for l in out.splitlines() if l.split()[:1] in (["low"], ["cond0"], ["cond1"])]
+  assert len(rows) == 9, out
+  for row in rows:
+    assert "all-gather" not in " ".join(row)
+    if row[1] != "1":
+      assert float(row[-6]) <= 2.0, row  # moved / lower bound
+      assert float(row[-3]) < 0.8, row  # FLOPs per device against one device
 
 
 def test_input_benchmark_runs(tmp_path):

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from wcdm_jax import models, reporting
+from wcdm_jax import models, parallel, reporting
 
 SPEC_FILE = "spec.json"
 
@@ -236,12 +236,14 @@ def save_model(directory: str, params: models.ModelParams, step: int = 0,
 
 
 def load_params(path: str, step: int | None = None,
-                warn: Callable[[str], None] = logging.warning) -> models.ModelParams:
+                warn: Callable[[str], None] = logging.warning, *,
+                mesh: jax.sharding.Mesh | None = None) -> models.ModelParams:
   """Everything sampling and denoising need from a model directory, as ``ModelParams``.
 
   Reads DIR/spec.json and the newest intact (or exactly ``step``) checkpoint of every net; a
   corrupt newer step is skipped with a warning naming it and why. A net that was never
-  trained (e.g. a one-scale job still running) is an error naming it.
+  trained (e.g. a one-scale job still running) is an error naming it. The variables are
+  device arrays: on the default device, or replicated over ``mesh`` (``parallel``).
   """
   if not isinstance(path, (str, os.PathLike)):
     raise TypeError(f"path must be a model directory (str), got {type(path).__name__}")
@@ -271,7 +273,8 @@ def load_params(path: str, step: int | None = None,
       mngr.close()
     for s, why in skipped:
       warn(f"load_params: net {name!r} of {path}: skipped step {s} ({why}); using step {used}")
-    variables[name] = jax.tree.map(np.asarray, model)
+    variables[name] = (parallel.replicate(model, parallel.check_mesh(mesh)) if mesh is not None
+                       else jax.device_put(model, jax.devices()[0]))
   return models.ModelParams(low=variables[spec.low.name],
                             conditionals=tuple(variables[c.name] for c in spec.conditionals),
                             spec=spec)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wcdm_jax import denoising, models, wavelets
+from wcdm_jax import denoising, models, parallel, wavelets
 
 
 def psnr(x: jax.Array, ref: jax.Array, peak: float = 1.0) -> jax.Array:
@@ -141,18 +141,27 @@ def scale_psnr(spec: models.ModelSpec, name: str, variables: models.Variables,
   return psnr(up(noisy), ref).mean(), psnr(up(den), ref).mean()
 
 
+@jax.jit
+def _add_noise(x, sigma, seed, i, b):
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), b)
+  return x + sigma * jax.random.normal(key, x.shape, x.dtype)
+
+
 def _noisy_batches(images: np.ndarray, sigmas: Sequence[float], seed: int, batch_size: int):
-  """(level index, clean batch, noisy batch) over every level and batch: the noise of level i
-  and batch b from ``jax.random.key(seed)`` folded with (i, b), the same for every caller."""
+  """(level index, clean batch, noisy batch, rows) over every level and batch: the noise of
+  level i and batch b from ``jax.random.key(seed)`` folded with (i, b), the same for every
+  caller. Every batch has ``batch_size`` rows (the last one padded with copies of its last
+  image, so that nothing recompiles for it); ``rows`` of them are real."""
   for i, s in enumerate(sigmas):
     for b in range(0, len(images), batch_size):
-      x = jnp.asarray(images[b:b + batch_size])
-      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), b)
-      yield i, x, x + s * jax.random.normal(key, x.shape)
+      real = jnp.asarray(images[b:b + batch_size], jnp.float32)
+      noisy = _add_noise(real, s, seed, i, b)  # the noise of the real rows as before
+      yield (i, parallel.pad_to(real, batch_size), parallel.pad_to(noisy, batch_size),
+             real.shape[0])
 
 
 def denoising_curve(params: models.ModelParams, images: np.ndarray, sigmas: Sequence[float],
-                    seed: int = 0, batch_size: int = 16) -> dict:
+                    seed: int = 0, batch_size: int = 16, mesh=None) -> dict:
   """Mean input and output PSNR of ``denoising.denoise`` over noise stds ``sigmas``; for a
   multi-scale model also each band's mean squared error (``band_mse``, image units) of the
   output ('band_mse_out') and of the input ('band_mse_in'), {band: [one per sigma]}, and the
@@ -160,27 +169,36 @@ def denoising_curve(params: models.ModelParams, images: np.ndarray, sigmas: Sequ
   so that a loss can be traced to the net of its band.
 
   Noise is drawn from ``jax.random.key(seed)`` folded with the noise level and batch index,
-  so runs are comparable across models (and with ``gaussian_curve``).
+  so runs are comparable across models (and with ``gaussian_curve``). One jitted program
+  per batch shape; mesh: split each batch over its devices (``parallel``).
   """
-  den = jax.jit(lambda p, y: denoising.denoise(p, y))
   spec = params.spec
+
+  @jax.jit
+  def measure(params, x, y):
+    out = denoising.denoise(params, y, mesh=mesh)
+    if not spec.levels:
+      return psnr(y, x), psnr(out, x), None, None, None
+    return (psnr(y, x), psnr(out, x), band_mse(y, x, spec), band_mse(out, x, spec),
+            band_mse(jnp.zeros_like(x), x, spec))
+
   pin, pout = [[] for _ in sigmas], [[] for _ in sigmas]
   bin_, bout = [[] for _ in sigmas], [[] for _ in sigmas]
   energy = []
-  for i, x, y in _noisy_batches(images, sigmas, seed, batch_size):
-    out = den(params, y)
-    pin[i].append(psnr(y, x))
-    pout[i].append(psnr(out, x))
+  for i, x, y, rows in _noisy_batches(images, sigmas, seed, batch_size):
+    a, b, c, d, e = jax.tree.map(lambda v: v[:rows], measure(params, x, y))
+    pin[i].append(a)
+    pout[i].append(b)
     if spec.levels:
-      bin_[i].append(band_mse(y, x, spec))
-      bout[i].append(band_mse(out, x, spec))
+      bin_[i].append(c)
+      bout[i].append(d)
       if i == 0:
-        energy.append(band_mse(jnp.zeros_like(x), x, spec))
+        energy.append(e)
   mean = lambda parts: [float(jnp.concatenate(p).mean()) for p in parts]
   result = {"sigma": [float(s) for s in sigmas], "psnr_in": mean(pin), "psnr_out": mean(pout)}
   if spec.levels:
     band_mean = lambda parts, band: float(jnp.concatenate([p[band] for p in parts]).mean())
-    bands = list(bout[0][0])
+    bands = ["low"] + [f"cond{j}" for j in reversed(range(spec.levels))]  # coarse first
     result["band_mse_in"] = {b: [band_mean(bin_[i], b) for i in range(len(sigmas))] for b in bands}
     result["band_mse_out"] = {b: [band_mean(bout[i], b) for i in range(len(sigmas))]
                               for b in bands}
@@ -194,13 +212,13 @@ def gaussian_curve(images: np.ndarray, sigmas: Sequence[float], seed: int = 0,
   """``denoising_curve``'s figures for the best Gaussian filter at each noise level (its
   width, under 'width', chosen on these very images: an oracle-tuned linear baseline), on the
   same noise draws."""
-  blur = jax.jit(gaussian_blur, static_argnums=1)
+  measure = jax.jit(lambda x, y, w: psnr(gaussian_blur(y, w), x), static_argnums=2)
   pin = [[] for _ in sigmas]
   pout = [[[] for _ in widths] for _ in sigmas]
-  for i, x, y in _noisy_batches(images, sigmas, seed, batch_size):
-    pin[i].append(psnr(y, x))
+  for i, x, y, rows in _noisy_batches(images, sigmas, seed, batch_size):
+    pin[i].append(psnr(y, x)[:rows])
     for k, w in enumerate(widths):
-      pout[i][k].append(psnr(blur(y, w), x))
+      pout[i][k].append(measure(x, y, w)[:rows])
   out = {"sigma": [float(s) for s in sigmas], "psnr_in": [], "psnr_out": [], "width": []}
   for i in range(len(sigmas)):
     scores = [float(jnp.concatenate(p).mean()) for p in pout[i]]
@@ -218,12 +236,22 @@ def adaptive_filters(params: models.ModelParams, noisy: jax.Array,
   noisy: (H, W, C) one image. Returns (len(pixels), H, W): d denoised[p] / d noisy, summed
   over channels; for a bias-free denoiser denoised = J(y) y, so each row is the adaptive
   filter applied at that pixel (Mohan et al. 2020; the paper's analysis).
-  """
-  def out_at(y, p):
-    return denoising.denoise(params, y[None])[0, p[0], p[1]].sum()
 
-  rows = [jax.grad(out_at)(noisy, p).sum(-1) for p in pixels]
-  return jnp.stack(rows)
+  A few rows of an (HWC x HWC) Jacobian: reverse mode, one pullback per pixel (forward mode
+  would need HWC tangents), all pixels in one jitted, vmapped program.
+  """
+  noisy = jnp.asarray(noisy)
+  sel = jnp.asarray(pixels, jnp.int32).reshape(-1, 2)  # (P, 2)
+
+  @jax.jit
+  def rows(params, y, sel):
+    out, pullback = jax.vjp(lambda y: denoising.denoise(params, y[None])[0], y)
+    def row(p):
+      ct = jnp.zeros_like(out).at[p[0], p[1]].set(1.0)
+      return pullback(ct)[0].sum(-1)
+    return jax.vmap(row)(sel)
+
+  return rows(params, noisy, sel)
 
 
 def multiscale_claims(results: dict[str, dict], *, flat_small: str, flat_large: str,

@@ -311,9 +311,10 @@ def log_prob(key: jax.Array, params: models.ModelParams, images: jax.Array, *,
 
 def dataset_log_prob(params: models.ModelParams, images: np.ndarray, *, seed: int = 0,
                      config: LikelihoodConfig | None = None, batch_size: int = 16,
-                     conv_impl: str = "auto") -> dict:
+                     conv_impl: str = "auto", mesh: Mesh | None = None) -> dict:
   """``log_prob`` over (N, H, W, C) images in batches; image i uses fold_in(key(seed), i),
-  so two models evaluated with one seed are paired and the batch size changes nothing.
+  so two models evaluated with one seed are paired and the batch size changes nothing. One
+  jitted program for every batch (the last one padded); mesh: split each over its devices.
 
   Returns JSON-ready means over the images: 'bits_per_pixel', 'mc_stderr' (Monte Carlo error
   of that mean on these images), 'stderr_over_images' (the mean's error as an estimate over
@@ -327,8 +328,11 @@ def dataset_log_prob(params: models.ModelParams, images: np.ndarray, *, seed: in
   parts = []
   for b in range(0, len(images), batch_size):
     x = jnp.asarray(images[b:b + batch_size], jnp.float32)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b, b + x.shape[0]))
-    parts.append(jax.device_get(log_prob(keys, params, x, config=cfg, conv_impl=conv_impl)))
+    rows = x.shape[0]  # the last batch is padded to batch_size: one program for every batch
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b, b + batch_size))
+    out = log_prob(keys, params, parallel.pad_to(x, batch_size), config=cfg,
+                   conv_impl=conv_impl, mesh=mesh)
+    parts.append(jax.device_get(jax.tree.map(lambda v: v[:rows], out)))
   cat = lambda get: np.concatenate([get(p) for p in parts]).astype(np.float64)
   bpp, se = cat(lambda p: p.bits_per_pixel), cat(lambda p: p.stderr)
   n = len(bpp)
