@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup quickstart test bench
+.PHONY: setup quickstart test test-fast bench
 
 setup: $(VENV)/.installed
 
@@ -22,3 +22,8 @@ quickstart: setup
 # One pytest worker per core (at most 4), each test file on one worker.
 test: setup
 	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile tests
+
+# The edit-test loop: everything but the end-to-end runs marked slow (full CLI trainings,
+# reproductions, benchmarks' smoke runs, multi-process runs).
+test-fast: setup
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile -m "not slow" tests

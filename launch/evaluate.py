@@ -77,7 +77,8 @@ def main(argv):
   common.setup_logging()
   common.check_native_setting()
   mesh = common.local_mesh()  # every local device: batches are split over them
-  from wcdm_jax import evaluation, likelihood, plots  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import evaluation, likelihood  # pylint: disable=g-import-not-at-top
+  from launch import plots  # pylint: disable=g-import-not-at-top
   if not (FLAGS.psnr or FLAGS.nll):
     raise app.UsageError("--nopsnr without --nll leaves nothing to evaluate")
   nll_cfg = None

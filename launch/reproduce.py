@@ -240,7 +240,8 @@ def _markdown(results: dict, summary: dict) -> str:
 
 
 def _figures(names: dict, path) -> None:
-  from wcdm_jax import evaluation, plots, reporting  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import reporting  # pylint: disable=g-import-not-at-top
+  from launch import claims, plots  # pylint: disable=g-import-not-at-top
   metrics = {names[s]: reporting.read_metrics(os.path.join(path(s), "metrics.jsonl"))
              for s in names if os.path.exists(os.path.join(path(s), "metrics.jsonl"))}
   common.log("wrote " + plots.training_curves(metrics, os.path.join(FLAGS.workdir, "curves.png")))
@@ -265,7 +266,7 @@ def _figures(names: dict, path) -> None:
     common.log("wrote " + _denoise_samples_figure(path("colour"), out))
   with open(os.path.join(FLAGS.workdir, "eval", "psnr.json")) as f:
     results = json.load(f)["models"]
-  summary = evaluation.multiscale_claims(
+  summary = claims.multiscale_claims(
       results, flat_small=names["flat_small"], flat_large=names["flat_large"],
       ms_small=names["ms_small"], ms_large=names["ms_large"])
   summary["budget"] = {"images_per_net": FLAGS.num_steps * FLAGS.batch_size,
@@ -282,7 +283,7 @@ def _figures(names: dict, path) -> None:
 
 def _budgets() -> None:
   """budgets.md / budgets.png: the claims of this run and of --budget_runs by images seen."""
-  from wcdm_jax import plots  # pylint: disable=g-import-not-at-top
+  from launch import plots  # pylint: disable=g-import-not-at-top
   if not FLAGS.budget_runs:
     common.log("budgets: no --budget_runs given, nothing to compare")
     return

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
-from launch import common  # pylint: disable=g-import-not-at-top
+from launch import common, flagdefs  # pylint: disable=g-import-not-at-top
+from wcdm_jax import sampling  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model directory (training workdir or imported model).")
@@ -31,23 +32,19 @@ flags.DEFINE_integer("image_size", 0, "Sample size (0 = the model's training siz
                      lower_bound=0)
 flags.DEFINE_list("low_rescale", [], "Per-image min-max rescale of the sampled low-pass, e.g. "
                   "0,0.8 (the release's); empty = none.")
-flags.DEFINE_float("low_h0", 0.01, "Low-pass ascent: step size.")
-flags.DEFINE_float("low_beta", 0.01, "Low-pass ascent: beta (1 = no injected noise).")
-flags.DEFINE_float("low_sigma_L", 0.1, "Low-pass ascent: final noise level.")
-flags.DEFINE_bool("low_ascending", False, "Low-pass ascent: ascending step sizes.")
-flags.DEFINE_integer("low_max_steps", 15000, "Low-pass ascent: maximum steps.", lower_bound=1)
-flags.DEFINE_float("low_mean_0", 0.0, "Low-pass ascent: mean of the initial state (the authors' "
-                   "0, with --low_rescale; the data's mean grey, e.g. 0.5, needs no rescale).")
+# The ascents' settings are sampling.AscentConfig's fields (launch/flagdefs.py), with the
+# release's values as defaults: --low_* for the low-pass (or flat) scale, --cond_* for the
+# conditional ones.
+flagdefs.define(sampling.AscentConfig, prefix="low_", skip=("flip_average",),
+                defaults=sampling.RELEASE_LOW, help_prefix="Low-pass ascent: ")
+flagdefs.define(sampling.AscentConfig, prefix="cond_", skip=("flip_average", "mean_0"),
+                defaults=sampling.RELEASE_COND, help_prefix="Conditional ascents: ")
+flags.DEFINE_float("cond_sigma_L_finest", sampling.RELEASE_COND_FINEST.sigma_L,
+                   "Final noise level at the finest level.")
 flags.DEFINE_bool("flip_average", False, "Every scale's ascent uses the net's residual averaged "
                   "with its mirror image's (the score of a left-right symmetric distribution; "
                   "removes a border column that undertrained nets' asymmetry grows; 2x the "
                   "cost; conditional scales need the Haar wavelet).")
-flags.DEFINE_float("cond_h0", 0.01, "Conditional ascents: step size.")
-flags.DEFINE_float("cond_beta", 0.5, "Conditional ascents: beta.")
-flags.DEFINE_float("cond_sigma_L", 0.01, "Conditional ascents: final noise level.")
-flags.DEFINE_float("cond_sigma_L_finest", 0.015, "Final noise level at the finest level.")
-flags.DEFINE_bool("cond_ascending", True, "Conditional ascents: ascending step sizes.")
-flags.DEFINE_integer("cond_max_steps", 1000, "Conditional ascents: maximum steps.", lower_bound=1)
 flags.DEFINE_integer("time_repeats", 0, "Re-run the sampling this many times and report the "
                      "steady-state speed (without compilation).", lower_bound=0)
 flags.DEFINE_string("images", "", "Images for super-resolution and denoising examples: "
@@ -68,15 +65,16 @@ def main(argv):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import wcdm_jax  # pylint: disable=g-import-not-at-top
-  from wcdm_jax import data, evaluation, reporting, sampling  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import data, evaluation, reporting  # pylint: disable=g-import-not-at-top
 
   try:
-    low_cfg = sampling.AscentConfig(FLAGS.low_h0, FLAGS.low_beta, 1.0, FLAGS.low_sigma_L,
-                                    FLAGS.low_ascending, FLAGS.low_max_steps,
-                                    mean_0=FLAGS.low_mean_0, flip_average=FLAGS.flip_average)
-    cond = sampling.AscentConfig(FLAGS.cond_h0, FLAGS.cond_beta, 1.0, FLAGS.cond_sigma_L,
-                                 FLAGS.cond_ascending, FLAGS.cond_max_steps,
-                                 flip_average=FLAGS.flip_average)
+    ascent = lambda prefix, skip: flagdefs.build(
+        sampling.AscentConfig, dict(flagdefs.overrides(sampling.AscentConfig, prefix=prefix,
+                                                       skip=skip),
+                                    flip_average=FLAGS.flip_average),
+        flagdefs.flag_names(sampling.AscentConfig, prefix))
+    low_cfg = ascent("low_", ("flip_average",))
+    cond = ascent("cond_", ("flip_average", "mean_0"))
     rescale = tuple(float(v) for v in FLAGS.low_rescale) or None
     sigmas = [float(s) for s in FLAGS.noise_sigmas]
   except ValueError as e:

@@ -15,6 +15,12 @@ CFG = likelihood.LikelihoodConfig(num_evals=16, replicas=4, sigma_min=1e-3, sigm
                                   bins=0, prior_mean=0.0, prior_var=0.1)
 
 
+def _bound_at_sigma_min(keys, denoiser, x, cfg, **kwargs):
+  """``bound_scan`` at the smallest cut: (estimate (B,), stderr (B,)) in nats."""
+  est, se = likelihood.bound_scan(keys, denoiser, x, cfg, **kwargs)
+  return est[:, 0], se[:, 0]
+
+
 @pytest.fixture(scope="module")
 def gaussian():
   """x ~ N(0, C) with C = U diag(lam) U^T, eigenvalues log-spread over [0.005, 0.3]."""
@@ -57,7 +63,7 @@ def _keys(n, seed=1):
 
 def test_gaussian_bound_equals_entropy(gaussian):
   cov, x = gaussian
-  nats, se = jax.jit(lambda k, x: likelihood.bound_nats(k, _flat_denoiser(cov), x, CFG))(
+  nats, se = jax.jit(lambda k, x: _bound_at_sigma_min(k, _flat_denoiser(cov), x, CFG))(
       _keys(x.shape[0]), x)
   mean, se_mean = _mean_se(nats)
   exact = _entropy(cov)
@@ -67,15 +73,15 @@ def test_gaussian_bound_equals_entropy(gaussian):
   # The per-image standard error is the replicas' spread: about the observed spread of the
   # per-image Monte Carlo errors (one x, many keys).
   one = jnp.repeat(x[:1], 256, axis=0)
-  reps, reps_se = likelihood.bound_nats(_keys(256, 7), _flat_denoiser(cov), one, CFG)
+  reps, reps_se = _bound_at_sigma_min(_keys(256, 7), _flat_denoiser(cov), one, CFG)
   assert 0.6 < float(np.median(reps_se)) / float(np.std(reps)) < 1.6
 
 
 def test_better_denoiser_gives_lower_bound_paired(gaussian):
   cov, x = gaussian
   keys = _keys(x.shape[0], 3)
-  good, _ = likelihood.bound_nats(keys, _flat_denoiser(cov), x, CFG)
-  bad, _ = likelihood.bound_nats(keys, _flat_denoiser(cov, scale=4.0), x, CFG)
+  good, _ = _bound_at_sigma_min(keys, _flat_denoiser(cov), x, CFG)
+  bad, _ = _bound_at_sigma_min(keys, _flat_denoiser(cov, scale=4.0), x, CFG)
   diff_mean, diff_se = _mean_se(bad - good)
   assert diff_mean > 5 * diff_se > 0
   # Same keys = same noise: the paired difference is far less noisy than either estimate.
@@ -132,7 +138,7 @@ def test_multiscale_total_equals_flat_and_entropy(gaussian):
   np.testing.assert_allclose(nats["log_det"], D * math.log(2), rtol=1e-6)
   total = sum(nats.values())[:, 0]  # the bound at sigma_min (columns: the scan's cuts)
   ms_mean, ms_se = _mean_se(total)
-  flat, _ = likelihood.bound_nats(keys, _flat_denoiser(cov), x, CFG)
+  flat, _ = _bound_at_sigma_min(keys, _flat_denoiser(cov), x, CFG)
   flat_mean, flat_se = _mean_se(flat)
   exact = _entropy(cov)
   assert abs(ms_mean - exact) < 2 * ms_se, (ms_mean, exact, ms_se)

@@ -128,3 +128,12 @@ def test_reader_refuses_code(tmp_path):
     z.writestr("archive/data.pkl", buf.getvalue())
   with pytest.raises(pretrained.WeightFileError, match="refusing to load"):
     pretrained.read_state_dict(str(path))
+
+
+def test_a_release_folder_without_a_size_asks_for_one():
+  """The image size comes from the folder name ('celebA_160x160_gray') or from the caller,
+  never from a guess."""
+  from wcdm_jax import pretrained  # pylint: disable=g-import-not-at-top
+  assert pretrained._image_size("celebA_320x160_gray") == (320, 160)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"pass image_size=\(H, W\)"):
+    pretrained._image_size("my_faces_gray")  # pylint: disable=protected-access

@@ -337,7 +337,7 @@ CLI_CASES = [
      "unknown tfds dataset", lambda t, f: _no_write(f"{t}/w")),
     ("train-noise-range", "train.py", (),
      lambda t, f: [f"--workdir={t}/w", *TINY, "--noise_min=60"],
-     "--noise_max must be >= --noise_min", None),
+     "--noise_max=50 --noise_min=60: noise_max (50) must be >= noise_min (60)", None),
     ("train-weight-unweighted", "train.py", (),
      lambda t, f: [f"--workdir={t}/w", *TINY, "--recipe=paper", "--loss_weight_power=1"],
      "--loss_weight_power applies to a weighted loss", lambda t, f: _no_write(f"{t}/w")),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import wcdm_jax
+from launch import claims
 from wcdm_jax import evaluation, models, sampling, wavelets
 
 # --- A Gaussian prior with a known stationary covariance ---------------------------------------
@@ -311,7 +312,7 @@ def test_claims_thresholds():
     return {"sigma": [0.1, 1.0, 2.0], "psnr_in": list(pin), "psnr_out": list(out)}
   res = {"fs": curve([25, 10.0, 6.0]), "fl": curve([26, 12.0, 8.0]),
          "ms": curve([25.5, 12.0, 8.0]), "ml": curve([25.79, 12.29, 7.71])}
-  got = evaluation.multiscale_claims(res, flat_small="fs", flat_large="fl", ms_small="ms",
+  got = claims.multiscale_claims(res, flat_small="fs", flat_large="fl", ms_small="ms",
                                      ms_large="ml")
   assert [c["held"] for c in got["claims"]] == [True, True, True]
   # The worst level of each: the largest |difference|, the smallest gap, the lowest margin.
@@ -321,7 +322,7 @@ def test_claims_thresholds():
   res["ml"] = curve([25.81, 12.0, 8.0])  # 0.31 dB apart at one level
   res["fs"] = curve([25, 10.01, 6.0])    # 1.99 dB below at one high-noise level
   res["ms"] = curve([25.5, 12.0, 7.99])  # below flat RF 43 at one high-noise level
-  got = evaluation.multiscale_claims(res, flat_small="fs", flat_large="fl", ms_small="ms",
+  got = claims.multiscale_claims(res, flat_small="fs", flat_large="fl", ms_small="ms",
                                      ms_large="ml")
   assert [c["held"] for c in got["claims"]] == [False, False, False]
 

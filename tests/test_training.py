@@ -107,7 +107,7 @@ def test_schedule_and_noise():
   assert training.net_num_steps(TINY, "low", cfg) == 400
   tx = training.make_optimizer(TINY, "cond0", cfg)
   assert tx is not None
-  stds = training.noise_stds(jax.random.key(0), 10_000, cfg)
+  stds = training.noise_draws(jax.random.key(0), 10_000, cfg)[0]
   assert float(stds.min()) >= 0 and float(stds.max()) <= 1
   # quadratic: the median std is about 0.25 (k/255 ~ U(0, 1), squared).
   assert float(jnp.median(stds)) == pytest.approx(0.25, abs=0.03)
@@ -275,12 +275,22 @@ def test_default_recipe_warms_up_then_follows_a_cosine(name, scale):
     (dict(ema_decay=1.0), "ema_decay must be in .0, 1."), (dict(ema_decay=-0.5), "ema_decay"),
     (dict(clip_factor=0.0), "clip_factor must be > 0"), (dict(clip_factor=-1.0), "clip_factor"),
     (dict(schedule="linear"), "schedule must be one of"), (dict(bn_momentum=0.0), "bn_momentum"),
-    (dict(recipe="fast"), "recipe must be one of"),
     (dict(noise_sampling="sobol"), "noise_sampling must be one of"),
     (dict(intensity_augmentation_nets="cond"), "intensity_augmentation_nets must be one of")])
 def test_recipe_settings_that_make_no_sense_are_one_line_errors(bad, match):
   with pytest.raises(ValueError, match=match):
     training.TrainConfig(**bad)
+
+
+def test_a_recipe_is_applied_wherever_a_config_is_built():
+  """TrainConfig() is the default recipe; another recipe is only from_recipe's (a 'recipe'
+  argument that would be ignored cannot be written)."""
+  with pytest.raises(TypeError, match="recipe"):
+    training.TrainConfig(recipe="paper")  # pylint: disable=unexpected-keyword-arg
+  with pytest.raises(ValueError, match="recipe must be one of"):
+    training.TrainConfig.from_recipe("fast")
+  default = training.TrainConfig()
+  assert {k: getattr(default, k) for k in training.RECIPE_FIELDS} == training.RECIPES["default"]
 
 
 def test_recipes_differ_only_in_their_settings():
@@ -351,37 +361,16 @@ def test_resuming_with_another_recipe_is_refused(tmp_path):
     trainer.train(TINY, data.DataConfig(image_size=16), default, run, log=lambda m: None)
 
 
-def test_checkpoints_from_before_the_recipes_count_as_the_paper_recipe():
-  meta = {"train_config": {f: v for f, v in dataclasses.asdict(training.TrainConfig.from_recipe(
-      "paper")).items() if f not in training.RECIPES["paper"] and f != "recipe"}}
-  assert trainer.config_changes(meta, training.TrainConfig.from_recipe("paper"),
-                                data.DataConfig()) == []
-  changes = trainer.config_changes(meta, training.TrainConfig(), data.DataConfig())
-  assert "recipe: checkpoint 'paper', this run 'default'" in changes
-  assert "ema_decay: checkpoint 0.0, this run 0.999" in changes
-
-
-def test_checkpoints_from_before_stratified_noise_count_as_independent_draws():
-  """A default-recipe checkpoint written before noise_sampling existed drew its noise levels
-  independently: resuming it with today's default is refused (naming the setting) unless the
-  run asks for those draws."""
-  old = {f: v for f, v in dataclasses.asdict(training.TrainConfig()).items()
-         if f != "noise_sampling"}
-  changes = trainer.config_changes({"train_config": old}, training.TrainConfig(), data.DataConfig())
-  assert changes == ["noise_sampling: checkpoint 'independent', this run 'stratified'"]
-  assert trainer.config_changes({"train_config": old}, training.TrainConfig(
-      noise_sampling="independent"), data.DataConfig()) == []
-
-
-def test_checkpoints_from_before_augmenting_every_net_count_as_low_pass_only():
-  """A checkpoint written before intensity_augmentation_nets existed augmented the low-pass
-  net only: resuming it with today's default is refused, naming the setting."""
+def test_settings_a_checkpoint_does_not_record_are_not_compared():
+  """config_changes names every recorded setting that differs and nothing else (no release
+  before this one wrote checkpoints without the recipe settings: no migration)."""
   cfg = training.TrainConfig()
-  old = {f: v for f, v in dataclasses.asdict(cfg).items() if f != "intensity_augmentation_nets"}
-  changes = trainer.config_changes({"train_config": old}, cfg, data.DataConfig())
-  assert changes == ["intensity_augmentation_nets: checkpoint 'low', this run 'multiscale'"]
-  assert trainer.config_changes({"train_config": old}, dataclasses.replace(
-      cfg, intensity_augmentation_nets="low"), data.DataConfig()) == []
+  partial = {f: v for f, v in dataclasses.asdict(training.TrainConfig.from_recipe(
+      "paper")).items() if f not in ("noise_sampling", "schedule")}
+  changes = trainer.config_changes({"train_config": partial}, cfg, data.DataConfig())
+  assert "ema_decay: checkpoint 0.0, this run 0.999" in changes
+  assert not any(c.startswith(("noise_sampling", "schedule", "num_steps")) for c in changes)
+  assert trainer.config_changes({}, cfg, data.DataConfig()) == []
 
 
 def test_a_resumed_state_takes_this_runs_loss_weighting():

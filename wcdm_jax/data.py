@@ -40,23 +40,31 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wcdm_jax import dead_leaves
+from wcdm_jax.settings import setting
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _SPLIT_IDS = {"train": 0, "eval": 1, "all": 2}
 CROP_SOURCES = ("embedded", "deadleaves")  # in-memory sources whose batches are random crops
 _CELEBA_CROPS = {(218, 178): (29, 29, 9, 9), (109, 89): (14, 15, 4, 5)}
+CROPS = ("none", "celeba", "center")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "embedded"
-  image_size: int = 64
-  channels: int = 1  # 1 = grey (mean of RGB), 3 = colour
-  crop: str = "none"  # "none" | "celeba" | "center"
-  eval_fraction: float = 0.1  # held-out share of a folder (last files by name)
-  flips: bool = True
-  max_images: int = 0  # 0 = all
-  max_bad_fraction: float = 0.01  # unreadable share of a folder that is skipped, not an error
+  """Where training images come from and how they are prepared."""
+  source: str = setting("embedded", "'embedded' (PyWavelets' photographs), 'deadleaves' "
+                        "(dead-leaves images, rendered), 'folder:/path' or 'tfds:name[:split]'.",
+                        flag="data")
+  image_size: int = setting(64, "Training image size (square).")
+  channels: int = 1  # 1 = grey (mean of RGB), 3 = colour (the CLIs' --color)
+  crop: str = setting("none", "Crop before resizing.", choices=CROPS)
+  eval_fraction: float = setting(0.1, "Held-out share of a folder for evaluation (its last "
+                                 "files by name).")
+  flips: bool = setting(True, "Random horizontal flips.")
+  max_images: int = setting(0, "Use at most this many images (0 = all).")
+  max_bad_fraction: float = setting(0.01, "Share of a folder's files that may be unreadable "
+                                    "(skipped with a warning naming them); more is an error.",
+                                    resumable=True)
 
   def __post_init__(self):
     if self.channels not in (1, 3):
@@ -66,6 +74,10 @@ class DataConfig:
     if self.image_size < 1 or self.max_images < 0:
       raise ValueError(f"image_size must be >= 1 and max_images >= 0, got {self.image_size}, "
                        f"{self.max_images}")
+    if self.crop not in CROPS:
+      raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+    if not 0 <= self.max_bad_fraction <= 1:
+      raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
 # What PIL raises for a file that is not a (complete) image.
@@ -222,7 +234,6 @@ class CropSource(Source):
   at random when the config says so; the batch of a step is a pure function of (seed, split,
   step). Crops cost microseconds: such sources need no parallel decoders."""
   images: list[np.ndarray]
-  num_examples = 10_000  # nominal epoch length, for epoch-based schedules
 
   def __init__(self, cfg: DataConfig, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)

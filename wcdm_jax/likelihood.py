@@ -181,13 +181,6 @@ def bound_scan(keys: jax.Array, denoiser: Denoiser, x: jax.Array, cfg: Likelihoo
   return _prior_kl(x, s_max, mean, var)[:, None] + recon + diffusion, stderr
 
 
-def bound_nats(keys: jax.Array, denoiser: Denoiser, x: jax.Array, cfg: LikelihoodConfig,
-               **kwargs) -> tuple[jax.Array, jax.Array]:
-  """``bound_scan`` at sigma_min only: (estimate (B,), stderr (B,)) in nats."""
-  est, se = bound_scan(keys, denoiser, x, cfg, **kwargs)
-  return est[:, 0], se[:, 0]
-
-
 def _dequantize(keys: jax.Array, x: jax.Array, bins: int) -> jax.Array:
   """x (B, ...) + uniform noise over one quantisation bin, from one key per image."""
   if not bins:

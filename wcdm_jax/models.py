@@ -365,12 +365,12 @@ class ModelParams:
   spec: ModelSpec = struct.field(pytree_node=False)
 
   def net(self, name: str) -> tuple[NetSpec, Variables]:
-    if name in ("low", "flat"):
-      return self.spec.low, self.low
-    if name.startswith("cond"):
-      j = int(name[4:])
-      return self.spec.conditionals[j], self.conditionals[j]
-    raise KeyError(f"no net named {name!r}; nets are {list(self.spec.nets)}")
+    """(spec, variables) of the net named as in ``ModelSpec.nets``: 'flat' or 'low' (both
+    held in ``low``: the model's first net), 'cond0', ..."""
+    net = self.spec.nets.get(name)
+    if net is None:
+      raise KeyError(f"no net named {name!r}; nets are {list(self.spec.nets)}")
+    return net, (self.low if net.kind != "cond" else self.conditionals[net.level])
 
   def residual_fn(self, name: str, conv_impl: str = "auto") -> Callable[[jax.Array], jax.Array]:
     """x -> f(x) of the named net in evaluation mode."""

@@ -257,8 +257,13 @@ def find_release_models(root: str) -> dict[str, dict[str, str]]:
 
 
 def _image_size(dataset_dir_name: str) -> tuple[int, int]:
+  """The training size in a release folder's name (e.g. celebA_160x160_gray); an error naming
+  the argument to pass when the name holds none."""
   m = re.search(r"(\d+)x(\d+)", dataset_dir_name)
-  return (int(m.group(1)), int(m.group(2))) if m else (160, 160)
+  if not m:
+    raise ValueError(f"the folder name {dataset_dir_name!r} does not say the images' size (as "
+                     "in 'celebA_160x160_gray'); pass image_size=(H, W) to load_release_model")
+  return int(m.group(1)), int(m.group(2))
 
 
 def load_release_model(nets: dict[str, str], image_size: tuple[int, int] | None = None

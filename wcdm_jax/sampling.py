@@ -19,6 +19,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from wcdm_jax import models, parallel, validation, wavelets
+from wcdm_jax.settings import setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +41,16 @@ class AscentConfig:
   border of undertrained models' samples); the average removes it at twice the cost per step.
   Conditional scales need a wavelet whose bands mirror with the image (Haar).
   """
-  h0: float = 0.01
-  beta: float = 0.5
-  sigma_0: float = 1.0
-  sigma_L: float = 0.01
-  ascending: bool = True
-  max_steps: int = 1000
-  abort_sigma: float = 1.5
-  mean_0: float = 0.0
-  flip_average: bool = False
+  h0: float = setting(0.01, "Step size (the first step's when ascending).")
+  beta: float = setting(0.5, "Injected noise, in (0, 1] (1 = none).")
+  sigma_0: float = setting(1.0, "Std of the initial state.")
+  sigma_L: float = setting(0.01, "Stop once the effective noise level falls below it.")
+  ascending: bool = setting(True, "Ascending step sizes h_t = h0 t / (1 + h0 (t - 1)).")
+  max_steps: int = setting(1000, "Maximum steps (a sample that reaches it is not converged).")
+  abort_sigma: float = setting(1.5, "Stop and flag a sample whose noise level exceeds it.")
+  mean_0: float = setting(0.0, "Mean of the initial state (the authors': 0).")
+  flip_average: bool = setting(False, "Average each step's residual with the mirrored "
+                               "state's (Haar for the conditional scales).")
 
   def __post_init__(self):
     if self.beta is None:

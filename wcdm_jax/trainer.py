@@ -20,40 +20,63 @@ import jax.numpy as jnp
 import numpy as np
 
 from wcdm_jax import (checkpoints, data, denoising, evaluation, models, pipeline, reporting,
-                      training)
+                      settings, training)
+from wcdm_jax.settings import setting
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Bookkeeping of a run (not of the optimisation)."""
-  workdir: str
-  nets: tuple[str, ...] = ()       # empty = every net of the model
-  log_every: int = 50
-  eval_every: int = 200
-  eval_sigma: float = 0.1          # noise std of the per-scale PSNR
-  eval_batch_size: int = 16
-  checkpoint_every: int = 500
-  keep_checkpoints: int = 3
-  noise_scale_batches: int = 20    # batches scanned for the cond nets' detail noise scale
-  stop_after: int = 0              # stop (as if pre-empted) after this many steps; 0 = never
-  figure: bool = True
-  allow_config_change: bool = False  # resume checkpoints made with other training settings
-  data_workers: int = -1           # parallel input decoders; -1 = pipeline.default_workers
+  workdir: str = setting(None, "Directory for checkpoints, metrics.jsonl and figures.")
+  nets: tuple[str, ...] = setting((), "Nets to train (default all): flat | low,cond0,cond1,...")
+  log_every: int = setting(50, "Steps between log lines.")
+  eval_every: int = setting(200, "Steps between per-scale PSNR evaluations.")
+  eval_sigma: float = setting(0.1, "Noise std of the per-scale PSNR.")
+  eval_batch_size: int = setting(16, "Held-out images of the per-scale PSNR and the final "
+                                 "comparison.")
+  checkpoint_every: int = setting(500, "Steps between checkpoints.")
+  keep_checkpoints: int = setting(3, "Checkpoints kept per net.")
+  noise_scale_batches: int = setting(20, "Batches scanned for the conditional nets' detail "
+                                     "noise scale.")
+  stop_after: int = setting(0, "Stop (as if pre-empted) after this many steps of this run "
+                            "(0 = never).")
+  figure: bool = setting(True, "Write denoising.png and the final comparison at the end.")
+  allow_config_change: bool = setting(False, "Resume checkpoints made with other training "
+                                      "settings (batch, seed, learning rate, noise, data); by "
+                                      "default that is an error.")
+  data_workers: int = setting(-1, "Parallel input decoders (-1 = one per core up to 16, one for "
+                              "the embedded data).")
   data_processes: int = -1         # 1: decoders are processes, 0: threads, -1: by core count
   # (file name, text) pairs written into the workdir once everything is validated, e.g. the
   # entry point's flags; an existing different file is kept as NAME.1, NAME.2, ...
   record: tuple[tuple[str, str], ...] = ()
-  # Noise stds of the final comparison of the whole model with the noisy input and the best
-  # Gaussian filter on the held-out images (train() returns it under DENOISING).
-  compare_sigmas: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
+  compare_sigmas: tuple[float, ...] = setting(
+      (0.02, 0.05, 0.1, 0.2), "Noise stds of the final comparison of the whole model with the "
+      "noisy input and the best Gaussian filter on the held-out images.")
+
+  def __post_init__(self):
+    if not self.workdir:
+      raise ValueError("workdir must name a directory")
+    for name in ("log_every", "eval_every", "eval_batch_size", "checkpoint_every",
+                 "keep_checkpoints", "noise_scale_batches"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.stop_after < 0:
+      raise ValueError(f"stop_after must be >= 0, got {self.stop_after}")
+    if self.data_workers == 0 or self.data_workers < -1:
+      raise ValueError(f"data_workers must be -1 (automatic) or >= 1, got {self.data_workers}")
+    if not (np.isfinite(self.eval_sigma) and self.eval_sigma >= 0):
+      raise ValueError(f"eval_sigma must be a finite number >= 0, got {self.eval_sigma}")
+    object.__setattr__(self, "nets", tuple(self.nets))
+    object.__setattr__(self, "compare_sigmas", tuple(float(s) for s in self.compare_sigmas))
 
 
-# What a resumed run may change without ``allow_config_change``: how long it trains, how the
-# convolutions are computed (and in which precision), how many unreadable files are tolerated.
-# Anything else (batch, seed, learning rate, noise, data) would silently continue another
-# experiment.
+# What a resumed run may change without ``allow_config_change`` (the settings declared
+# resumable): how long it trains, how the convolutions are computed (and in which precision),
+# how many unreadable files are tolerated. Anything else (batch, seed, learning rate, noise,
+# data) would silently continue another experiment.
 DENOISING = "denoising"  # train()'s key of the final comparison (not a net name)
-RESUMABLE_CHANGES = ("num_steps", "conv_impl", "remat", "dtype", "max_bad_fraction")
+RESUMABLE_CHANGES = settings.resumable(training.TrainConfig) + settings.resumable(data.DataConfig)
 
 
 def _net_names(spec: models.ModelSpec, nets: Sequence[str]) -> list[str]:
@@ -76,23 +99,13 @@ def comparison_key(seed: int) -> jax.Array:
   return jax.random.key(seed + 7)
 
 
-# What a train_config saved before the recipe fields existed stands for (LEGACY_RECIPE's values).
-_LEGACY_SETTINGS = dict(training.RECIPES[training.LEGACY_RECIPE], recipe=training.LEGACY_RECIPE)
-
-
 def config_changes(meta: dict, cfg: training.TrainConfig, data_cfg: data.DataConfig) -> list[str]:
-  """'field: checkpoint X, this run Y' for every setting that differs from the checkpoint's.
-
-  Checkpoints written before the recipe settings existed were trained with
-  ``training.LEGACY_RECIPE``: its values stand in for the settings they lack. A meta without
-  any train_config (hand-written, or none readable) has nothing to compare.
-  """
+  """'field: checkpoint X, this run Y' for every setting that differs from the checkpoint's
+  (a setting the checkpoint's meta does not hold is not compared)."""
   out = []
   for key, current in (("train_config", dataclasses.asdict(cfg)),
                        ("data_config", dataclasses.asdict(data_cfg))):
     saved = meta.get(key) or {}
-    if key == "train_config" and saved:
-      saved = dict(_LEGACY_SETTINGS, **saved)
     for field, value in current.items():
       if field in RESUMABLE_CHANGES:
         continue
@@ -106,7 +119,7 @@ def saved_train_config(meta: dict, cfg: training.TrainConfig) -> training.TrainC
   if not meta.get("train_config"):
     return cfg
   fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
-  saved = {**dataclasses.asdict(cfg), **_LEGACY_SETTINGS, **meta["train_config"]}
+  saved = {**dataclasses.asdict(cfg), **meta["train_config"]}
   try:
     return training.TrainConfig(**{k: v for k, v in saved.items() if k in fields})
   except (TypeError, ValueError):

@@ -41,12 +41,14 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from wcdm_jax import models, parallel, wavelets
+from wcdm_jax import conv, models, parallel, wavelets
+from wcdm_jax.settings import setting
 
 
 # The optimisation recipes: the paper's (method.md §4) and this project's default, chosen by
 # measurement with benchmarks/bench_training.py (docs/training.md has the figures). A recipe
-# sets these TrainConfig fields; ``TrainConfig.from_recipe`` takes it and any overrides.
+# sets these TrainConfig fields (RECIPE_FIELDS); ``TrainConfig.from_recipe`` takes it and any
+# overrides. TrainConfig's own defaults are the 'default' recipe's (a test checks it).
 RECIPES = {
     "paper": dict(schedule="halving", warmup_steps=0, clip_factor=None, ema_decay=0.0,
                   gain_init=None, bn_momentum=0.1, zero_init_output=False,
@@ -57,14 +59,13 @@ RECIPES = {
                     loss_weighting="balanced", noise_sampling="stratified",
                     intensity_augmentation_nets="multiscale"),
 }
-# What checkpoints written before the recipe fields existed were trained with.
-LEGACY_RECIPE = "paper"
 SCHEDULES = ("halving", "cosine")
 LOSS_WEIGHTINGS = ("none", "snr", "balanced")
 NOISE_SAMPLINGS = ("independent", "stratified")
 # intensity_augmentation_nets -> the kinds of net it augments
 AUGMENTED_KINDS = {"low": ("low",), "multiscale": ("low", "cond"), "all": ("low", "cond", "flat")}
 AUGMENTED_NETS = tuple(AUGMENTED_KINDS)
+RECIPE_FIELDS = tuple(RECIPES["default"])
 LOSS_BINS = 16            # 'balanced': bands of noise levels k with one running error each
 LOSS_STATS_DECAY = 0.99   # their moving average's decay per step
 COSINE_END = 0.01       # the cosine schedule ends at this fraction of the learning rate
@@ -75,50 +76,83 @@ AUTO_WARMUP_MAX = 200   # warmup_steps=-1: min(AUTO_WARMUP_MAX, num_steps // 10)
 class TrainConfig:
   """Optimisation settings shared by all nets of a run (defaults: RECIPES['default']).
 
-  Step counts (num_steps, lr_halve_every, warmup_steps) are the finest net's; a net at
-  pyramid level j runs level_multiplier**j times as many of each.
+  ``TrainConfig.from_recipe('paper', **overrides)`` gives another recipe's settings; the
+  fields a recipe sets are ``RECIPE_FIELDS``. Step counts (num_steps, lr_halve_every,
+  warmup_steps) are the finest net's; a net at pyramid level j runs level_multiplier**j times
+  as many of each. Parameters, batch-norm statistics, the loss and Adam are float32 whatever
+  ``dtype`` is.
   """
-  batch_size: int = 512
-  learning_rate: float = 1e-3
-  num_steps: int = 10_000          # steps of the finest net; coarser nets get more (below)
-  lr_halve_every: int = 1_000      # 'halving' schedule: steps between learning-rate halvings
-  level_multiplier: float = 4.0    # net at pyramid level j trains multiplier**j x longer
-  noise_min: int = 0               # noise std range in /255 units
-  noise_max: int = 255
-  quadratic_noise: bool = True
-  intensity_augmentation: bool = True  # clean signal x U(0, 1), per image: see net_example
-  seed: int = 0
-  conv_impl: str = "auto"
-  remat: bool = False
-  dtype: str = "float32"           # compute dtype of the convolutions: float32 | bfloat16
-  # (parameters, batch-norm statistics, the loss and Adam stay float32)
-  recipe: str = "default"          # the recipe the fields below came from (bookkeeping)
-  schedule: str = "cosine"         # 'halving': lr / 2 every lr_halve_every steps (the paper's);
-  # 'cosine': cosine decay from learning_rate to COSINE_END of it over the net's steps
-  warmup_steps: int = -1           # linear warm-up from 0; -1: min(200, num_steps // 10)
-  clip_factor: float | None = None  # clip the gradient's global norm at clip_factor x its
-  # running mean (clip_by_running_norm); None: no clipping
-  ema_decay: float = 0.999         # EMA of the weights for evaluation, sampling and the
-  # checkpoints' 'model' item (decay min(ema_decay, (1 + t) / (10 + t)) at step t); 0: none
-  gain_init: float | None = None   # batch-norm gains at init: None = the paper's, else constant
-  zero_init_output: bool = False   # last conv starts at 0: the denoiser starts as the identity
-  bn_momentum: float = 0.1         # running-std momentum of the batch norm
-  loss_weighting: str = "balanced"  # 'none': summed squared error (the paper's); 'snr': each
-  # image's error / (std^2 + floor^2); 'balanced': / (the net's running mean squared error at
-  # that noise level + floor^2); std the image's noise std, floor = loss_weight_floor / 255
-  loss_weight_floor: float = 4.0   # in /255 units (image units for every net)
-  loss_weight_power: float = 0.5   # the weights above to this power (0: unweighted)
-  noise_sampling: str = "stratified"  # a batch's noise levels: 'independent' draws (the
-  # paper's) or 'stratified': one per 1/B of the range, randomly shifted and shuffled
-  intensity_augmentation_nets: str = "multiscale"  # the nets it applies to: 'low' (the
-  # paper's: the low-pass net only), 'multiscale' (also the conditional nets: their details
-  # with their conditioning low-pass) or 'all' (also flat nets)
+  batch_size: int = setting(512, "Global batch size (split over every device of every host).")
+  learning_rate: float = setting(1e-3, "Adam learning rate.")
+  num_steps: int = setting(10_000, "Steps of the finest net; a net at level j runs "
+                           "level_multiplier**j times as many.", resumable=True)
+  lr_halve_every: int = setting(1_000, "Finest net's steps between learning-rate halvings "
+                                "(schedule 'halving').")
+  level_multiplier: float = setting(4.0, "A net at pyramid level j trains multiplier**j times "
+                                    "longer.")
+  noise_min: int = setting(0, "Smallest training noise std, /255.")
+  noise_max: int = setting(255, "Largest training noise std, /255.")
+  quadratic_noise: bool = setting(True, "Square the sampled std (favours small noise).")
+  intensity_augmentation: bool = setting(True, "Scale each image's clean signal by U(0, 1) "
+                                         "for the nets intensity_augmentation_nets names.")
+  seed: int = setting(0, "Seed of initialisation, noise and data order.")
+  conv_impl: str = setting("auto", "How convolutions run: auto = the native kernels of the "
+                           "CPU's ISA (AVX-512, AVX2) where built, else XLA; "
+                           "WCDM_JAX_NATIVE_ISA forces one (wcdm_jax.conv).",
+                           choices=conv.CONV_IMPLS, resumable=True)
+  remat: bool = setting(False, "Rematerialise each block in the backward pass (less memory).",
+                        resumable=True)
+  dtype: str = setting("float32", "Compute dtype of the nets' convolutions (parameters, "
+                       "statistics, the loss and Adam stay float32).",
+                       choices=("float32", "bfloat16"), resumable=True)
+  schedule: str = setting("cosine", "Learning-rate decay: 'halving' every lr_halve_every steps "
+                          "(the paper's) or 'cosine' to 1% over the net's steps.",
+                          choices=SCHEDULES)
+  warmup_steps: int = setting(-1, "Linear warm-up steps of the finest net (-1: min(200, "
+                              "num_steps // 10)).")
+  clip_factor: float | None = setting(None, "Clip the gradient's global norm at this many "
+                                      "times its running mean (None: no clipping).")
+  ema_decay: float = setting(0.999, "Decay of the weights' moving average used for "
+                             "evaluation, sampling and the saved model (0: none).")
+  gain_init: float | None = setting(None, "Initial batch-norm gains: a constant, or None for "
+                                    "the paper's N(0, 1) 2/9/64 clipped to 0.025.",
+                                    none_word="paper")
+  zero_init_output: bool = setting(False, "Start the last convolution at zero (the denoiser "
+                                   "starts as the identity).")
+  bn_momentum: float = setting(0.1, "Batch-norm running-std momentum.")
+  loss_weighting: str = setting("balanced", "Per-image loss weight: 'none' = summed squared "
+                                "error (the paper's); 'snr' = each image's error / (std^2 + "
+                                "floor^2); 'balanced' = / (the net's running error at that "
+                                "noise level + floor^2) (loss_weights).",
+                                choices=LOSS_WEIGHTINGS)
+  loss_weight_floor: float = setting(4.0, "Floor of the weighted losses' noise std, /255 (image "
+                                     "units for every net).")
+  loss_weight_power: float = setting(0.5, "Raise the loss weights to this power, in [0, 1] (0: "
+                                     "unweighted).")
+  noise_sampling: str = setting("stratified", "A batch's noise levels: 'independent' draws (the "
+                                "paper's) or 'stratified', one in each 1/batch of the range at "
+                                "a random shift, shuffled.", choices=NOISE_SAMPLINGS)
+  intensity_augmentation_nets: str = setting(
+      "multiscale", "Nets whose images are intensity-augmented: 'low' = the low-pass net only "
+      "(the paper's); 'multiscale' = also the conditional nets (details with their "
+      "conditioning low-pass); 'all' = also flat nets.", choices=AUGMENTED_NETS)
 
   def __post_init__(self):
+    for name, low in (("batch_size", 1), ("num_steps", 1), ("lr_halve_every", 1),
+                      ("noise_min", 0)):
+      if getattr(self, name) < low:
+        raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+    if self.noise_max < self.noise_min:
+      raise ValueError(f"noise_max ({self.noise_max}) must be >= noise_min ({self.noise_min})")
+    if not self.learning_rate >= 0:  # (inf is allowed: the loop stops at the non-finite loss)
+      raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+    if not (np.isfinite(self.level_multiplier) and self.level_multiplier >= 0):
+      raise ValueError(f"level_multiplier must be a finite number >= 0, got "
+                       f"{self.level_multiplier}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-    if self.recipe not in RECIPES:
-      raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
+    if self.conv_impl not in conv.CONV_IMPLS:
+      raise ValueError(f"conv_impl must be one of {conv.CONV_IMPLS}, got {self.conv_impl!r}")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
     if self.warmup_steps < -1:
@@ -150,10 +184,10 @@ class TrainConfig:
 
   @classmethod
   def from_recipe(cls, recipe: str = "default", **overrides) -> "TrainConfig":
-    """The recipe's settings, then ``overrides`` (any TrainConfig fields)."""
+    """The recipe's settings (``RECIPES``), then ``overrides`` (any TrainConfig fields)."""
     if recipe not in RECIPES:
       raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
-    return cls(**dict(RECIPES[recipe], recipe=recipe, **overrides))
+    return cls(**dict(RECIPES[recipe], **overrides))
 
   def warmup(self) -> int:
     """Warm-up steps of the finest net (resolving -1)."""
@@ -306,11 +340,6 @@ def noise_draws(key: jax.Array, n: int, cfg: TrainConfig) -> tuple[jax.Array, ja
     k = jax.random.permutation(k_order, k)
   std, band = noise_level(k, cfg)
   return std.astype(jnp.float32), band.astype(jnp.int32)
-
-
-def noise_stds(key: jax.Array, n: int, cfg: TrainConfig) -> jax.Array:
-  """(n,) per-image noise std, in units of the clean signal's range."""
-  return noise_draws(key, n, cfg)[0]
 
 
 class Example(NamedTuple):

@@ -1,4 +1,8 @@
-"""Figures of the evaluation tool (matplotlib, headless)."""
+"""Figures of the evaluation and reproduction tools (matplotlib, headless).
+
+matplotlib is not a dependency of the library: ``pip install -e '.[experiments]'`` installs
+it (``make setup`` does, with the test extra).
+"""
 from __future__ import annotations
 
 import os
@@ -12,7 +16,12 @@ from wcdm_jax import evaluation, models
 
 
 def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise SystemExit("error: drawing figures needs matplotlib, which the library does not "
+                     "install: pip install -e '.[experiments]' (or pip install matplotlib)"
+                     ) from None
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
