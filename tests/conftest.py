@@ -16,8 +16,8 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # others, and XLA:CPU aborts the process when a rendezvous waits past its termination timeout
 # (40 s by default). Real devices do not share cores; the tests wait longer instead.
 if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=1200"
-                              " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
+  os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=600"
+                              " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the test processes and the CLIs they start: most
 # tests compile the same small programs again (train.py runs, resumes, kills); results are the

@@ -107,6 +107,9 @@ def test_forward_mode_matches_xla(impl):
   np.testing.assert_allclose(tan, ref_t, rtol=1e-4, atol=1e-5)
   _, lin = jax.linearize(den(impl), y)
   np.testing.assert_allclose(lin(t), ref_t, rtol=1e-4, atol=1e-5)
+  small = y[:1, :8, :8]  # (1, 8, 8, 1): a 64 x 64 Jacobian
+  np.testing.assert_allclose(jax.jacfwd(den(impl))(small), jax.jacrev(den("xla_autodiff"))(small),
+                             rtol=1e-4, atol=1e-5)
   net, variables = params.net("cond0")
   x = jax.random.uniform(jax.random.key(3), (1, 4, 4, 4))
   app = lambda impl: lambda x: models.apply_net(net, variables, x, conv_impl=impl)

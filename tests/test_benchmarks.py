@@ -21,23 +21,27 @@ def test_memory_benchmark_runs_and_remat_saves():
   assert "remat" in out and "less" in out
 
 
+@pytest.mark.slow
 def test_net_benchmark_runs():
   pytest.importorskip("torch")
   out = _run("bench_nets.py", "--cases=cond9", "--repeats=1", "--tiny")
   assert "pytorch" in out and "jax/xla" in out and "jax/auto" in out
 
 
+@pytest.mark.slow
 def test_sampling_benchmark_runs():
   pytest.importorskip("torch")
   out = _run("bench_sampling.py", "--batch=2", "--low_steps=3", "--cond_steps=2", "--repeats=1")
   assert "PyTorch, one image at a time" in out and "GFLOP/s" in out
 
 
+@pytest.mark.slow
 def test_likelihood_benchmark_runs():
   out = _run("bench_likelihood.py", "--tiny", "--num_evals=4", "--batch=2", "--repeats=1")
   assert "images/min" in out and "ms_celebA_160x160_gray_rf13 (random)" in out
 
 
+@pytest.mark.slow
 def test_accelerator_check_tiny():
   env = cli_env(PYTHON=sys.executable)
   res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "accelerator_check.sh"),
@@ -63,6 +67,7 @@ def test_scaling_benchmark_reads_the_compiled_steps():
       assert float(row[-3]) < 0.8, row  # FLOPs per device against one device
 
 
+@pytest.mark.slow
 def test_input_benchmark_runs(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -133,6 +138,7 @@ def test_forced_isa_caps_xla_and_torch(isas, isa, capped):
     assert out["late"] == "refused"
 
 
+@pytest.mark.slow
 def test_baselines_benchmark_scores_the_trainers_own_comparison(tmp_path):
   """bench_baselines.py denoises exactly the held-out crops and noise of the trainer's final
   comparison: its model and Gaussian rows equal the training log's last lines."""

@@ -2,9 +2,12 @@
 import json
 import os
 
+import pytest
+
 from conftest import REPO, shared_path
 
 
+@pytest.mark.slow
 def test_pretrained_demo_runs(monkeypatch):
   release = shared_path("reference", "lcv-denoisers")
   monkeypatch.setenv("WCDM_RELEASE", release)

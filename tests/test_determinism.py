@@ -159,6 +159,7 @@ def reference(tmp_path_factory):
   return _final(wd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kill_at_a_random_point_then_resume_is_bit_identical(seed, reference, tmp_path):
   rng = np.random.default_rng(seed)
@@ -171,6 +172,7 @@ def test_kill_at_a_random_point_then_resume_is_bit_identical(seed, reference, tm
   assert steps == reference[1]  # metrics.jsonl was trimmed: no step logged twice
 
 
+@pytest.mark.slow
 def test_kill_during_an_async_checkpoint_write_then_resume(reference, tmp_path):
   wd = str(tmp_path / "run")
   res = subprocess.run([sys.executable, "-c", _KILL_IN_SAVE, TRAIN, f"--workdir={wd}", *FLAGS],

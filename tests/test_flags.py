@@ -20,6 +20,7 @@ def _train(*args, timeout=300):
                         timeout=timeout, env=env, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_flagfile_round_trip(tmp_path):
   wd = tmp_path / "run"
   flagfile = tmp_path / "tiny.flags"

@@ -300,6 +300,7 @@ def flat43():
   return pretrained.load_release_model(rel["flat_celebA_160x160_gray_rf43"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["inpaint", "randpix", "sr4x", "spectral", "cs"])
 def test_parity_with_original(task, flat43):
   d = np.load(shared_path("reference", "fixtures", f"uip_{task}_rf43.npz"))
@@ -372,6 +373,7 @@ def test_solve_tool_bad_input(model_dirs, tmp_path, args, match):
   assert not out.exists()
 
 
+@pytest.mark.slow
 def test_solve_tool_on_model_samples(model_dirs, tmp_path):
   """--images=npz: solves images given as an array (e.g. sample.py's samples.npz)."""
   f, _ = model_dirs

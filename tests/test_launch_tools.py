@@ -76,6 +76,7 @@ def _psnr(x, ref):
   return float(np.mean(10 * np.log10(1.0 / mse)))
 
 
+@pytest.mark.slow
 def test_evaluate_tool(tiny_model, tmp_path):
   _run("evaluate.py", f"--models={tiny_model},{tiny_model}", "--names=a,b", "--images=embedded",
        "--num_images=4", "--noise_levels=10,50", f"--out={tmp_path}", "--filters")

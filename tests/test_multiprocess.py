@@ -52,6 +52,7 @@ def folder(tmp_path_factory):
   return write_random_images(tmp_path_factory.mktemp("images"), 24)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(folder, tmp_path):
   data = f"--data=folder:{folder}"
   single = _train(tmp_path / "single", 4, data)

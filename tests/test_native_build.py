@@ -70,6 +70,7 @@ def test_cache_key_holds_variant_compiler_and_source():
 
 
 @needs_cxx
+@pytest.mark.slow
 def test_every_variant_compiles_on_any_x86_64_host(tmp_path):
   """AVX-512 included: compiling needs no CPU support (loading does), so a change that breaks
   the AVX-512 build is caught on an AVX2 machine too."""
@@ -109,6 +110,7 @@ def test_build_falls_back_to_a_temporary_cache(tmp_path):
 
 
 @needs_cxx
+@pytest.mark.slow
 def test_damaged_or_foreign_cache_entries_are_rebuilt(tmp_path):
   """A truncated library, or another variant's library under this one's name, fails its
   checksum and is rebuilt before anything opens it."""

@@ -132,6 +132,7 @@ if __name__ == '__main__':
 """
 
 
+@pytest.mark.slow
 def test_a_killed_worker_ends_the_run_instead_of_hanging(folder, tmp_path):
   script = tmp_path / "kill.py"
   script.write_text(_KILL_SCRIPT)

@@ -4,12 +4,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import numpy as np
 from PIL import Image
 
 from conftest import REPO, cli_env
 
 
+@pytest.mark.slow
 def test_reproduce_toy(tmp_path):
   rng = np.random.default_rng(0)
   images = tmp_path / "images"

@@ -426,6 +426,7 @@ def test_cli_bad_input(case, tmp_path, request):
     assert (fixtures["trained"] / "train.flags").read_text() == flags_before
 
 
+@pytest.mark.slow
 def test_cli_changed_settings_with_override(trained, tmp_path):
   """--allow_config_change continues; the new flags are recorded, the old ones kept."""
   import shutil  # pylint: disable=g-import-not-at-top
@@ -439,6 +440,7 @@ def test_cli_changed_settings_with_override(trained, tmp_path):
   assert "--learning_rate=0.002" not in (wd / "train.flags.1").read_text()
 
 
+@pytest.mark.slow
 def test_cli_reimport_is_atomic_or_refused(release, tmp_path):
   src, dst = f"--src={release}/good", f"--dst={tmp_path}"
   assert _cli("import_lcv.py", src, dst).returncode == 0

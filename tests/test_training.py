@@ -74,6 +74,7 @@ def _run(workdir, **kw):
   return trainer.train(TINY, data.DataConfig(image_size=16), CFG, run, log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_resume_is_identical(tmp_path):
   _run(tmp_path / "full")
   _run(tmp_path / "split", stop_after=3)  # pre-empted after 3 steps (checkpoint at step 3)
@@ -160,6 +161,7 @@ def test_learning_rate_halves_on_schedule(name, every):
   np.testing.assert_allclose(sizes, want, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_nets_at_different_steps_keep_checkpoints_and_stop_after(tmp_path):
   """Nets resumed at different steps catch up in turn and end as one uninterrupted run."""
   _run(tmp_path / "full", checkpoint_every=1)

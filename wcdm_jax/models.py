@@ -199,8 +199,12 @@ def batch_sd(h: jax.Array, axis_name: str | None = None) -> jax.Array:
   h = h.astype(jnp.float32)
   if axis_name is None:
     return jnp.sqrt(jnp.var(h, axis=(0, 1, 2)) + BN_EPS)
-  mean = jax.lax.pmean(jnp.mean(h, axis=(0, 1, 2)), axis_name)
-  var = jax.lax.pmean(jnp.mean(jnp.square(h - mean), axis=(0, 1, 2)), axis_name)
+  # One all-reduce of (mean, mean of squares) per layer, not two: every device then meets the
+  # collectives of a step in one order (independent collectives may run in any order, and
+  # devices that share a thread pool, as simulated CPU devices do, could wait on each other).
+  moments = jax.lax.pmean(jnp.stack([jnp.mean(h, axis=(0, 1, 2)),
+                                     jnp.mean(jnp.square(h), axis=(0, 1, 2))]), axis_name)
+  var = jnp.maximum(moments[1] - jnp.square(moments[0]), 0.0)
   return jnp.sqrt(var + BN_EPS)
 
 

@@ -496,23 +496,32 @@ def make_mesh(devices=None) -> Mesh:
   return parallel.make_mesh(devices)
 
 
-def sharded_loss(net: models.NetSpec, cfg: TrainConfig, mesh: Mesh, weighted: bool) -> Callable:
-  """``loss(params, batch_stats, noisy, noise[, weights]) -> (loss, (batch_stats, errors))``,
-  the global batch's ``loss_fn``, computed data-parallel: each device runs the net forward
-  (and, under ``jax.grad``, backward) on its own shard of the batch inside ``shard_map``;
-  the batch norm's statistics are all-reduced (``models.batch_sd``) and so, by the
-  transpose of the shard_map, is the gradient of the replicated parameters. Nothing of
-  the size of an activation crosses devices."""
+def sharded_loss_and_grad(net: models.NetSpec, cfg: TrainConfig, mesh: Mesh,
+                          weighted: bool) -> Callable:
+  """``f(params, batch_stats, noisy, noise[, weights]) -> (loss, grads, batch_stats, errors)``
+  for the global batch's ``loss_fn``, computed data-parallel (pmap semantics): each device
+  runs the net forward and backward on its own shard inside ``shard_map``; the batch norm's
+  statistics are all-reduced layer by layer (``models.batch_sd``) and the loss and the
+  gradients of the replicated parameters in one all-reduce at the end. Nothing of the size
+  of an activation crosses devices."""
+  axis = parallel.DATA_AXIS
+
   def local(params, batch_stats, noisy, noise, *weights):
-    loss, (stats, errors) = loss_fn(
-        params, batch_stats, net, noisy, noise, weights=weights[0] if weights else None,
-        return_errors=True, conv_impl=cfg.conv_impl, remat=cfg.remat, dtype=cfg.dtype,
-        bn_momentum=cfg.bn_momentum, axis_name=parallel.DATA_AXIS, batch_size=cfg.batch_size)
-    return jax.lax.psum(loss, parallel.DATA_AXIS), (stats, errors)
+    def shard_loss(p):
+      return loss_fn(p, batch_stats, net, noisy, noise, weights=weights[0] if weights else None,
+                     return_errors=True, conv_impl=cfg.conv_impl, remat=cfg.remat,
+                     dtype=cfg.dtype, bn_momentum=cfg.bn_momentum, axis_name=axis,
+                     batch_size=cfg.batch_size)
+    # The parameters as this device's copy: their gradient is this shard's part, and the
+    # parts are summed by the one psum below (not one all-reduce per parameter).
+    local_params = jax.lax.pcast(params, axis, to="varying")
+    (loss, (stats, errors)), grads = jax.value_and_grad(shard_loss, has_aux=True)(local_params)
+    loss, grads = jax.lax.psum((loss, grads), axis)
+    return loss, grads, stats, errors
 
   data, rep = P(parallel.DATA_AXIS), P()
   return jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, data, data) + ((data,) * weighted),
-                       out_specs=(rep, (rep, data)))
+                       out_specs=(rep, rep, rep, data))
 
 
 def check_batch(cfg: TrainConfig, mesh: Mesh) -> None:
@@ -533,7 +542,7 @@ def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransfo
   and donated. The step's RNG key is ``step_key(cfg.seed, state.step, net_index)``, folded
   in on the device (net_index: the net's index in ``spec.nets`` unless given), so the host
   never waits for the step counter. The forward and backward passes run data-parallel
-  (``sharded_loss``).
+  (``sharded_loss_and_grad``).
   """
   parallel.check_mesh(mesh)
   check_batch(cfg, mesh)
@@ -542,7 +551,7 @@ def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransfo
   index = list(spec.nets).index(name) if net_index is None else net_index
   data = NamedSharding(mesh, P(parallel.DATA_AXIS))
   weighted = cfg.loss_weighting != "none"
-  loss = sharded_loss(net, cfg, mesh, weighted)
+  loss_and_grad = sharded_loss_and_grad(net, cfg, mesh, weighted)
 
   def step(state: TrainState, images: jax.Array):
     key = step_key(cfg.seed, state.step, index)
@@ -551,8 +560,7 @@ def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransfo
     noise = jax.lax.with_sharding_constraint(ex.noise, data)
     weights = loss_weights(ex, cfg, state.loss_stats, scale)
     args = (noisy, noise) + ((jax.lax.with_sharding_constraint(weights, data),) if weighted else ())
-    (value, (batch_stats, errors)), grads = jax.value_and_grad(loss, has_aux=True)(
-        state.params, state.batch_stats, *args)
+    value, grads, batch_stats, errors = loss_and_grad(state.params, state.batch_stats, *args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
