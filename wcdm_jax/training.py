@@ -505,6 +505,14 @@ def sharded_loss_and_grad(net: models.NetSpec, cfg: TrainConfig, mesh: Mesh,
   gradients of the replicated parameters in one all-reduce at the end. Nothing of the size
   of an activation crosses devices."""
   axis = parallel.DATA_AXIS
+  if parallel.data_size(mesh) == 1:  # one device: the plain program (no size-1 collectives)
+    def single(params, batch_stats, noisy, noise, *weights):
+      (loss, (stats, errors)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, batch_stats, net, noisy, noise, weights=weights[0] if weights else None,
+          return_errors=True, conv_impl=cfg.conv_impl, remat=cfg.remat, dtype=cfg.dtype,
+          bn_momentum=cfg.bn_momentum)
+      return loss, grads, stats, errors
+    return single
 
   def local(params, batch_stats, noisy, noise, *weights):
     def shard_loss(p):
