@@ -9,7 +9,7 @@ needs: the gradient's all-reduce and the batch-norm statistics while training, n
 sampling.
 
 Inference takes its mesh from ``mesh=`` or from a batch already sharded along its first axis
-(``shard_batch``); a batch that does not divide over the devices is padded with copies of its
+(``resolve_mesh``); a batch that does not divide over the devices is padded with copies of its
 last image and the padding dropped from the results. Training refuses such a batch.
 """
 from __future__ import annotations

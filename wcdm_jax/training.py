@@ -491,9 +491,9 @@ def loss_fn(params, batch_stats, net: models.NetSpec, noisy, noise, *, weights=N
   return jnp.sum(sq) / (batch_size or noisy.shape[0]), aux
 
 
-def make_mesh(devices=None) -> Mesh:
-  """1-D mesh over all devices of all hosts (or ``devices``), axis 'data' (``parallel``)."""
-  return parallel.make_mesh(devices)
+make_mesh = parallel.make_mesh  # the training's names for the mesh helpers
+global_batch = parallel.global_batch
+replicate = parallel.replicate
 
 
 def sharded_loss_and_grad(net: models.NetSpec, cfg: TrainConfig, mesh: Mesh,
@@ -504,31 +504,28 @@ def sharded_loss_and_grad(net: models.NetSpec, cfg: TrainConfig, mesh: Mesh,
   statistics are all-reduced layer by layer (``models.batch_sd``) and the loss and the
   gradients of the replicated parameters in one all-reduce at the end. Nothing of the size
   of an activation crosses devices."""
-  axis = parallel.DATA_AXIS
-  if parallel.data_size(mesh) == 1:  # one device: the plain program (no size-1 collectives)
-    def single(params, batch_stats, noisy, noise, *weights):
-      (loss, (stats, errors)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, batch_stats, net, noisy, noise, weights=weights[0] if weights else None,
-          return_errors=True, conv_impl=cfg.conv_impl, remat=cfg.remat, dtype=cfg.dtype,
-          bn_momentum=cfg.bn_momentum)
-      return loss, grads, stats, errors
-    return single
+  axis = parallel.DATA_AXIS if parallel.data_size(mesh) > 1 else None
 
-  def local(params, batch_stats, noisy, noise, *weights):
+  def value_and_grad(params, batch_stats, noisy, noise, *weights):
+    # axis None (one device): the plain program, no size-1 collectives.
     def shard_loss(p):
       return loss_fn(p, batch_stats, net, noisy, noise, weights=weights[0] if weights else None,
                      return_errors=True, conv_impl=cfg.conv_impl, remat=cfg.remat,
                      dtype=cfg.dtype, bn_momentum=cfg.bn_momentum, axis_name=axis,
-                     batch_size=cfg.batch_size)
-    # The parameters as this device's copy: their gradient is this shard's part, and the
-    # parts are summed by the one psum below (not one all-reduce per parameter).
-    local_params = jax.lax.pcast(params, axis, to="varying")
-    (loss, (stats, errors)), grads = jax.value_and_grad(shard_loss, has_aux=True)(local_params)
-    loss, grads = jax.lax.psum((loss, grads), axis)
+                     batch_size=cfg.batch_size if axis else None)
+    if axis:
+      # The parameters as this device's copy: their gradient is this shard's part, and the
+      # parts are summed by the one psum below (not one all-reduce per parameter).
+      params = jax.lax.pcast(params, axis, to="varying")
+    (loss, (stats, errors)), grads = jax.value_and_grad(shard_loss, has_aux=True)(params)
+    if axis:
+      loss, grads = jax.lax.psum((loss, grads), axis)
     return loss, grads, stats, errors
 
+  if axis is None:
+    return value_and_grad
   data, rep = P(parallel.DATA_AXIS), P()
-  return jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, data, data) + ((data,) * weighted),
+  return jax.shard_map(value_and_grad, mesh=mesh, in_specs=(rep, rep, data, data) + ((data,) * weighted),
                        out_specs=(rep, rep, rep, data))
 
 
@@ -585,15 +582,6 @@ def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransfo
   replicated = NamedSharding(mesh, P())
   return jax.jit(step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                  donate_argnums=(0,))
-
-
-def global_batch(host_batch: np.ndarray, mesh: Mesh) -> jax.Array:
-  """This host's share of the batch -> the global array sharded along 'data'."""
-  return parallel.global_batch(host_batch, mesh)
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  return parallel.replicate(tree, mesh)
 
 
 def step_key(seed: int, step, net_index: int) -> jax.Array:
