@@ -3,6 +3,7 @@ simulated devices each) through launch/train.py's own flags train the same model
 process with 4 devices, and their checkpoint resumes in one process to the same next step."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,19 +21,37 @@ TINY = ["--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5", "--num_lay
         "--eval_fraction=0.25", "--data_workers=1", "--level_multiplier=1", "--keep_checkpoints=5"]
 
 
+_STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def _reap():
+  """Every run a test starts ends with it: its process group (the run, its input workers) is
+  killed, so a failed or hung run cannot outlive its test or hold its pipes."""
+  yield
+  while _STARTED:
+    proc = _STARTED.pop()
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait(timeout=30)
+
+
 def _train(workdir, devices, *extra):
-  return subprocess.Popen([sys.executable, os.path.join(REPO, "launch", "train.py"), *TINY,
+  proc = subprocess.Popen([sys.executable, os.path.join(REPO, "launch", "train.py"), *TINY,
                            f"--workdir={workdir}", *extra], env=cli_env(devices), cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+  _STARTED.append(proc)
+  return proc
 
 
-def _finish(proc, timeout=240):
+def _finish(proc, timeout=240, ok=True):
   try:
     out, _ = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     raise
-  assert proc.returncode == 0, out[-3000:]
+  assert not ok or proc.returncode == 0, out[-3000:]
   return out
 
 
@@ -85,14 +104,9 @@ def test_two_processes_equal_one(folder, tmp_path):
 ])
 def test_bad_distributed_flags(tmp_path, args, match):
   proc = _train(tmp_path / "wd", 1, *args)
-  out = _finish_any(proc)
+  out = _finish(proc, timeout=120, ok=False)
   assert proc.returncode != 0 and match in out and "Traceback" not in out
   assert not (tmp_path / "wd").exists()
-
-
-def _finish_any(proc):
-  out, _ = proc.communicate(timeout=120)
-  return out
 
 
 def test_cluster_detection():
