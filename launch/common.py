@@ -40,12 +40,13 @@ def log(msg: str) -> None:
   _LOGGER.info(msg)
 
 
-def load_model(path: str):
-  """``wcdm_jax.load_params(path)``, ending the program with one line if it cannot."""
+def load_model(path: str, mesh=None):
+  """``wcdm_jax.load_params(path, mesh=mesh)`` (on every device of ``mesh``), ending the
+  program with one line if it cannot."""
   import wcdm_jax  # pylint: disable=g-import-not-at-top
   from wcdm_jax import checkpoints  # pylint: disable=g-import-not-at-top
   try:
-    return wcdm_jax.load_params(path, warn=lambda msg: log("warning: " + msg))
+    return wcdm_jax.load_params(path, warn=lambda msg: log("warning: " + msg), mesh=mesh)
   except (FileNotFoundError, ValueError, checkpoints.CheckpointError) as e:
     fail(e)
 
@@ -147,17 +148,25 @@ def set_explicitly(flag_values, name: str) -> bool:
   return flag.present and flag.value != flag.default
 
 
-def flags_text(flag_values, path: str) -> str:
-  """The entry point's own flags as a flagfile whose first line is its command."""
+def entry_point(module_name: str) -> str:
+  """Where absl files the flags an entry point defines: under the script's path when it runs
+  as a program (``__main__``), under its module name when imported (its ``main`` called
+  in-process, as the tests do)."""
+  return sys.argv[0] if module_name == "__main__" else module_name
+
+
+def flags_text(flag_values, path: str, module_name: str) -> str:
+  """The flags of entry point ``module_name`` (its ``__name__``) as a flagfile whose first line
+  is its command."""
   script = os.path.relpath(sys.argv[0])
   lines = [f"# python {script} --flagfile={path}"]
-  lines += [f.serialize() for f in flag_values.get_flags_for_module(sys.argv[0])
+  lines += [f.serialize() for f in flag_values.get_flags_for_module(entry_point(module_name))
             if f.value is not None]
   return "\n".join(lines) + "\n"
 
 
-def write_flags(flag_values, path: str) -> None:
-  """Save the entry point's own flags as a flagfile (``--flagfile=path`` reproduces it)."""
+def write_flags(flag_values, path: str, module_name: str) -> None:
+  """Save an entry point's own flags as a flagfile (``--flagfile=path`` reproduces it)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
-    f.write(flags_text(flag_values, path))
+    f.write(flags_text(flag_values, path, module_name))

@@ -96,7 +96,7 @@ def main(argv):
     levels = [float(v) for v in FLAGS.noise_levels]
   except ValueError as e:
     raise app.UsageError(f"--noise_levels: {e}") from e
-  models = {n: common.load_model(m) for n, m in zip(names, FLAGS.models)}
+  models = {n: common.load_model(m, mesh) for n, m in zip(names, FLAGS.models)}
   size = FLAGS.image_size or next(iter(models.values())).spec.image_size[0]
   channels = next(iter(models.values())).spec.channels
   images = common.load_images(FLAGS.images, size, channels, FLAGS.crop, FLAGS.num_images,

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 
+from launch import common
 from wcdm_jax import settings
 
 FLAGS = flags.FLAGS
@@ -40,8 +41,8 @@ def define(cls: type, *, prefix: str = "", skip: Sequence[str] = (),
   ``module_name`` names another.
   """
   if module_name is None:
-    caller = sys._getframe(1).f_globals.get("__name__", "")  # pylint: disable=protected-access
-    module_name = sys.argv[0] if caller == "__main__" else caller
+    module_name = common.entry_point(
+        sys._getframe(1).f_globals.get("__name__", ""))  # pylint: disable=protected-access
   for s in settings.fields(cls):
     if s.name in skip:
       continue

@@ -164,7 +164,7 @@ def main(argv):
   os.makedirs(FLAGS.workdir, exist_ok=True)
   full = set(FLAGS.stages) == set(STAGES)  # a partial rerun keeps the full run's record
   common.write_flags(FLAGS, os.path.join(FLAGS.workdir, "reproduce.flags" if full
-                                         else "reproduce_partial.flags"))
+                                         else "reproduce_partial.flags"), __name__)
   names = _names()
   path = lambda stage: os.path.join(FLAGS.workdir, names[stage])
   levels = f"--levels={FLAGS.levels}"

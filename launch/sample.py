@@ -81,7 +81,7 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   if rescale is not None and len(rescale) != 2:
     raise app.UsageError("--low_rescale takes two numbers, e.g. 0,0.8")
-  params = common.load_model(FLAGS.model)
+  params = common.load_model(FLAGS.model, mesh)
   spec = params.spec
   conds = [dataclasses.replace(cond, sigma_L=FLAGS.cond_sigma_L_finest) if j == 0 else cond
            for j in range(spec.levels)]

@@ -96,7 +96,7 @@ def main(argv):
     configs = [dataclasses.replace(base, max_steps=FLAGS.max_steps, method=m) for m in methods]
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  priors = {n: common.load_model(m) for n, m in zip(names, FLAGS.models)}
+  priors = {n: common.load_model(m, mesh) for n, m in zip(names, FLAGS.models)}
   first = next(iter(priors.values())).spec
   size = FLAGS.image_size or first.image_size[0]
   shape = (size, size, first.channels)

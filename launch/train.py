@@ -81,7 +81,7 @@ def main(argv):
         flagdefs.overrides(trainer.RunConfig, skip=("data_processes", "record")),
         data_processes={"auto": -1, "threads": 0, "processes": 1}[FLAGS.data_worker_kind],
         record=(("train.flags", common.flags_text(
-            FLAGS, os.path.join(FLAGS.workdir, "train.flags"))),)))
+            FLAGS, os.path.join(FLAGS.workdir, "train.flags"), __name__)),)))
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   if common.set_explicitly(FLAGS, "lr_halve_every") and cfg.schedule != "halving":

@@ -191,6 +191,25 @@ def test_inference_over_devices_equals_one_device():
         inverse.solve(key, params, op, m, config=scfg))
 
 
+def test_inputs_committed_to_one_device_join_a_mesh():
+  """Params and inputs placed on one device (load_params without a mesh, a key made there)
+  are copied onto the mesh instead of failing with 'incompatible devices'."""
+  params = jax.device_put(_fixed_params(TINY), jax.devices()[1])
+  key = jax.device_put(jax.random.key(4), jax.devices()[2])
+  y = jax.device_put(jax.random.uniform(jax.random.key(1), (3, 16, 16, 1)), jax.devices()[3])
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  close(wcdm_jax.denoise(params, y, mesh=mesh),
+        wcdm_jax.denoise(_fixed_params(TINY), np.asarray(y)))
+  close(wcdm_jax.sample(key, params, 1, low_config=FAST, cond_config=FAST, mesh=mesh),
+        wcdm_jax.sample(jax.random.key(4), _fixed_params(TINY), 1, low_config=FAST,
+                        cond_config=FAST))
+  assert wcdm_jax.super_resolve(key, params, y[:, ::2, ::2], cond_config=FAST,
+                                mesh=mesh).shape == (3, 16, 16, 1)
+  cfg = wcdm_jax.LikelihoodConfig(num_evals=4, replicas=2)
+  assert np.isfinite(wcdm_jax.log_prob(key, params, y, config=cfg, mesh=mesh).bits_per_pixel).all()
+
+
 def test_mesh_and_batch_errors():
   with pytest.raises(ValueError, match="no 'data' axis"):
     parallel.check_mesh(jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("batch",)))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cli
 import torchfile
 from conftest import REPO, cli_env
 import wcdm_jax
@@ -279,16 +280,20 @@ TINY = ["--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5", "--num_lay
         "--log_every=1", "--eval_every=2", "--noise_max=50"]
 
 
-def _cli(script, *args, timeout=180):
-  env = cli_env()
+def _process(script, *args, timeout=180):
+  """A real ``python launch/<script>`` process (exit code, traceback, output streams)."""
   return subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args],
-                        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+                        capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=REPO)
+
+
+_cli = cli.run  # the entry point's main, in this process
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+  """A run of train.py, in a real process (the smoke test of a whole CLI run)."""
   wd = tmp_path_factory.mktemp("trained") / "run"
-  res = _cli("train.py", f"--workdir={wd}", *TINY)
+  res = _process("train.py", f"--workdir={wd}", *TINY)
   assert res.returncode == 0, res.stderr[-2000:]
   return wd
 
@@ -424,6 +429,18 @@ def test_cli_bad_input(case, tmp_path, request):
     assert check(tmp_path, fixtures)
   if flags_before is not None:  # a rejected rerun keeps the record of the run
     assert (fixtures["trained"] / "train.flags").read_text() == flags_before
+
+
+@pytest.mark.parametrize("case", [c for c in CLI_CASES if c[0] in (
+    "train-wavelet", "train-changed-seed", "sample-missing-model", "import-truncated")],
+                         ids=lambda c: c[0])
+def test_cli_bad_input_in_a_real_process(case, tmp_path, request):
+  """The same refusals from a real process: exit code 1, one line, no traceback."""
+  _, script, needs, args, message, _ = case
+  fixtures = {name: request.getfixturevalue(name) for name in needs}
+  res = _process(script, *args(tmp_path, fixtures))
+  assert res.returncode == 1 and message in res.stderr, res.stderr[-3000:]
+  assert "Traceback" not in res.stderr, res.stderr[-3000:]
 
 
 @pytest.mark.slow

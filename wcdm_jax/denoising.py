@@ -32,6 +32,7 @@ def denoise(params: models.ModelParams, noisy: jax.Array, *, return_scales: bool
   models.check_params(params)
   noisy = _check_images(params.spec, noisy, "noisy")
   mesh = parallel.resolve_mesh(mesh, noisy)
+  params, noisy = parallel.onto(mesh, params, noisy)
   return _denoise_jit(params, noisy, return_scales, conv_impl, mesh)
 
 

@@ -299,7 +299,9 @@ def log_prob(key: jax.Array, params: models.ModelParams, images: jax.Array, *,
                     f"{type(cfg).__name__}")
   images = _check_images(params, images)
   keys = validation.keys(key, images.shape[0], "len(images)")
-  return _log_prob(keys, params, images, cfg, conv_impl, parallel.resolve_mesh(mesh, images))
+  mesh = parallel.resolve_mesh(mesh, images)
+  keys, params, images = parallel.onto(mesh, keys, params, images)
+  return _log_prob(keys, params, images, cfg, conv_impl, mesh)
 
 
 def dataset_log_prob(params: models.ModelParams, images: np.ndarray, *, seed: int = 0,

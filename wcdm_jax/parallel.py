@@ -72,6 +72,22 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
 
 
+def onto(mesh: Mesh | None, *trees: Any) -> tuple:
+  """``trees`` ready for a program over ``mesh``: arrays committed to other devices (e.g.
+  params loaded without a mesh live on one device) are copied to every device of the mesh;
+  arrays already on it, uncommitted arrays, host arrays and tracers pass unchanged."""
+  if mesh is None:
+    return trees
+  devices = set(mesh.devices.flat)
+
+  def move(a):
+    if (isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and a.committed
+        and a.sharding.device_set != devices):
+      return jax.device_put(a, replicated(mesh))
+    return a
+  return jax.tree.map(move, trees)
+
+
 def global_batch(host_batch: np.ndarray, mesh: Mesh) -> jax.Array:
   """This host's share of a training batch -> the global array sharded along ``DATA_AXIS``.
 

@@ -254,6 +254,7 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
   spec = params.spec
   keys = validation.keys(key, num_samples)
   mesh = parallel.resolve_mesh(mesh, keys)
+  keys, params = parallel.onto(mesh, keys, params)
   h, w = validation.size(spec.image_size if image_size is None else image_size, "image_size")
   if spec.levels and spec.mode == wavelets.PERIODIZATION:
     wavelets.check_size(h, w, spec.levels)
@@ -296,6 +297,7 @@ def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array
         f"wcdm_jax.decompose(images, {spec.levels}).low")
   keys = validation.keys(key, low_res.shape[0])
   mesh = parallel.resolve_mesh(mesh, low_res)
+  keys, params, low_res = parallel.onto(mesh, keys, params, low_res)
   outs, infos = _refine(keys, params, jnp.asarray(low_res, jnp.float32),
                         _cond_configs(spec, cond_config), conv_impl, mesh)
   return (outs[-1], outs, infos) if return_intermediates else outs[-1]

@@ -240,6 +240,7 @@ def solve(key: jax.Array, params: models.ModelParams, op: ops.Operator, measurem
   cfg = resolve(cfg, op)
   keys = validation.keys(key, measurements.shape[0])
   mesh = parallel.resolve_mesh(mesh, measurements)
+  keys, params, op, measurements = parallel.onto(mesh, keys, params, op, measurements)
   measurements = jnp.asarray(measurements)
   if not jnp.iscomplexobj(measurements):
     measurements = measurements.astype(jnp.float32)
