@@ -50,6 +50,18 @@ def _entry_point(script: str):
   return importlib.import_module(name)
 
 
+def parse(script: str, *args: str) -> None:
+  """Parse ``args`` against ``script``'s flags (names, types, enums; flagfiles read) and
+  restore the flags; raises absl's flags.Error for a bad one."""
+  _entry_point(script)
+  with flagsaver.flagsaver():
+    FLAGS.unparse_flags()
+    try:
+      FLAGS([os.path.join(REPO, "launch", script), *args])
+    finally:
+      FLAGS.unparse_flags()
+
+
 def run(script: str, *args: str) -> Result:
   """``python launch/<script> *args``, in this process."""
   module = _entry_point(script)

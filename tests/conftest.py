@@ -18,6 +18,13 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=600"
                               " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
+# XLA:CPU sizes its thread pools to the CPUs this process may use (or to $NPROC). A pytest
+# worker pinned to one core (below) then has fewer pool threads than simulated devices, and a
+# 4-device program deadlocks: three devices' threads wait in an all-reduce for the fourth,
+# whose work is queued behind them (seen: a trainer.train fixture hung for good, and CI stopped
+# at its time limit). Enough threads for every device, whatever the pinning; the pinning still
+# shares the cores.
+os.environ.setdefault("NPROC", "8")  # 2 x the 4 simulated devices
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the test processes and the CLIs they start: most
 # tests compile the same small programs again (train.py runs, resumes, kills); results are the
@@ -89,7 +96,11 @@ def cli_env(devices: int = 1, **extra: str) -> dict:
   tests' fast compilation, plus ``extra``."""
   flags = FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices > 1
                           else "")
-  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  env.pop("NPROC", None)  # one device: XLA's pools follow the CPUs; several: see the top
+  if devices > 1:
+    env["NPROC"] = str(2 * devices)
+  return dict(env, **extra)
 
 
 def shared_path(*parts: str) -> str:

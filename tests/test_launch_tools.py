@@ -1,7 +1,6 @@
 """launch/sample.py, launch/evaluate.py and launch/import_lcv.py end to end on tiny models."""
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -9,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_env, shared_path
+import cli
+from conftest import REPO, shared_path
 import wcdm_jax
 from wcdm_jax import data, evaluation, models, trainer, training
 
@@ -29,10 +29,8 @@ def tiny_model(tmp_path_factory):
   return wd
 
 
-def _run(script, *args, timeout=300):
-  env = cli_env()
-  res = subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args],
-                       capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+def _run(script, *args):
+  res = cli.run(script, *args)
   assert res.returncode == 0, res.stderr[-3000:]
   return res
 
