@@ -111,13 +111,12 @@ def main(argv):
       common.require_finite(f"the log-likelihood of model {name!r}", r["bits_per_pixel"])
       r["kind"] = "multi-scale" if params.spec.levels else "flat"
       nll[name] = r
-      best = r["scan"]["best"]
-      terms = ", ".join(f"{k} {v:.3f}" for k, v in best["scales"].items())
-      common.log(f"{name}: {best['bits_per_pixel']:.4f} bits/pixel with the reconstruction at "
-                 f"sigma {best['sigma_min_255']:g}/255 (Monte Carlo s.e. {best['mc_stderr']:.4f},"
-                 f" over images {best['stderr_over_images']:.4f}); {terms}; at each sigma_min "
-                 + " ".join(f"{t:g}:{v:.3f}" for t, v in zip(r["scan"]["sigma_min_255"],
-                                                          r["scan"]["bits_per_pixel"])))
+      terms = ", ".join(f"{k} {v:.3f}" for k, v in r["scales"].items())
+      common.log(f"{name}: {r['bits_per_pixel']:.4f} bits/pixel (Monte Carlo s.e. "
+                 f"{r['mc_stderr']:.4f}, over images {r['stderr_over_images']:.4f}; "
+                 f"reconstruction cuts chosen, /255: {r['cut_255']}); {terms}; "
+                 f"at each cut: " + " ".join(f"{t:g}:{v:.3f}" for t, v in zip(
+                     r["scan"]["sigma_min_255"], r["scan"]["bits_per_pixel"])))
     with open(os.path.join(FLAGS.out, "nll.json"), "w") as f:
       json.dump({"images": FLAGS.images, "num_images": len(images), "image_size": size,
                  "split": FLAGS.split, "models": nll}, f, indent=1)

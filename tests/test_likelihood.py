@@ -1,5 +1,6 @@
 """wcdm_jax.likelihood: the denoising bound against closed forms on a Gaussian image model,
 the multi-scale decomposition (log-determinant included), pairing, batch invariance and errors."""
+import dataclasses
 import math
 
 import jax
@@ -168,8 +169,15 @@ def test_log_prob_on_models_batch_invariant_and_deterministic(levels):
   assert sorted(out.scales) == sorted(names + ["dequantization"])
   np.testing.assert_allclose(sum(out.scales.values()), out.bits_per_pixel, rtol=1e-6)
   assert out.scan.shape == (3, cfg.scan) and len(cfg.truncations) == cfg.scan
-  np.testing.assert_array_equal(out.scan[:, 0], out.bits_per_pixel)
   np.testing.assert_allclose(sum(out.scales_scan.values()), out.scan, rtol=1e-6)
+  # The figure is at cuts of the scan (one per replica): between its lowest and highest values.
+  assert out.cuts.shape == (3, cfg.replicas)
+  assert np.all(np.isin(np.asarray(out.cuts), np.asarray(cfg.truncations, np.float32)))
+  assert np.all(out.bits_per_pixel <= out.scan.max(1) + 3 * out.scan_stderr.max(1))
+  assert np.all(out.bits_per_pixel >= out.scan.min(1) - 3 * out.scan_stderr.max(1))
+  one_cut = likelihood.log_prob(keys, params, images,
+                                config=dataclasses.replace(cfg, scan=1))  # at sigma_min only
+  np.testing.assert_allclose(one_cut.bits_per_pixel, out.scan[:, 0], rtol=1e-5)
   np.testing.assert_allclose(out.scales["dequantization"], math.log2(255))
   if levels:
     np.testing.assert_allclose(out.scales["log_det"], 1.0)  # 64 coefficients / 64 pixels
@@ -179,6 +187,29 @@ def test_log_prob_on_models_batch_invariant_and_deterministic(levels):
   np.testing.assert_allclose(part.bits_per_pixel, out.bits_per_pixel[1:2], rtol=1e-5)
   other = likelihood.log_prob(_keys(3, 12), params, images, config=cfg)
   assert not np.array_equal(other.bits_per_pixel, out.bits_per_pixel)
+
+
+def test_cross_fitted_cut_is_chosen_by_the_other_replicas():
+  """Each replica's cut minimises the mean of the *other* replicas (never its own value), so
+  its value there is unbiased; a cut that is best for every replica is everyone's."""
+  total = np.array([[[5.0, 1.0, 3.0],    # replica 0 alone would pick cut 1
+                     [2.0, 4.0, 3.0],
+                     [2.0, 4.0, 3.0]]])  # (B=1, R=3, T=3)
+  np.testing.assert_array_equal(likelihood.cross_fitted_cut(jnp.asarray(total)), [[0, 1, 1]])
+  flat = np.tile(np.array([3.0, 1.0, 2.0]), (2, 4, 1))
+  np.testing.assert_array_equal(likelihood.cross_fitted_cut(jnp.asarray(flat)), np.ones((2, 4)))
+
+
+def test_default_figure_is_not_the_minimum_over_cuts():
+  """With a noisy estimate at every cut and no real difference between cuts, the minimum of
+  the scan is biased low; the cross-fitted figure is not (its mean over many draws is the
+  common value)."""
+  rng = np.random.default_rng(0)
+  total = 10.0 + rng.normal(size=(4000, 4, 8))  # (B, R, T): every cut equal in expectation
+  cut = likelihood.cross_fitted_cut(jnp.asarray(total))
+  chosen = np.take_along_axis(total, np.asarray(cut)[..., None], -1)[..., 0].mean(1)
+  assert abs(chosen.mean() - 10.0) < 0.03  # unbiased (s.e. of the mean about 0.008)
+  assert total.mean(1).min(-1).mean() < 9.5  # the minimum over cuts: about 0.7 s.e. low
 
 
 @pytest.mark.parametrize("make, match", [

@@ -68,12 +68,12 @@ class LikelihoodConfig:
     dequantisation, bits of a density).
   prior_mean, prior_var: the prior of y at sigma_max is N(prior_mean, sigma_max^2 + prior_var)
     per pixel for the low-pass (or flat) image, N(0, sigma_max^2) for wavelet details.
-  scan: the bound is also computed, from the same evaluations, with the reconstruction term
-    moved up to sigma_min * 2^k, k = 1 .. scan - 1 (``LogProb.scan``). A denoiser that is not
-    the identity on clean images (an error floor, e.g. 40 dB) pays floor / (2 s^2) nats per
-    pixel for every s below its floor; the bound is valid for every truncation point, and the
-    best one says at which noise level the model's fine-scale density stops being better
-    than Gaussian noise of that width.
+  scan: the cuts of the reconstruction term: sigma_min * 2^k, k < scan (``truncations``). A
+    denoiser that is not the identity on clean images (an error floor, e.g. 40 dB) pays
+    floor / (2 s^2) nats per pixel for every s below its floor; the bound is valid at every
+    cut, ``LogProb.bits_per_pixel`` is at the cut the evaluations support best (chosen
+    without selection bias), and that cut says at which noise level the model's fine-scale
+    density stops being better than Gaussian noise of that width. scan = 1: at sigma_min.
   """
   num_evals: int = 64
   replicas: int = 4
@@ -121,12 +121,19 @@ class LogProb:
   'flat', or 'low' (x_J), 'cond{J-1}' .. 'cond0' (each level's details given its low-pass)
   and 'log_det' (the pyramid's scaling), all in bits per pixel of the full image, plus
   'dequantization' (log2(bins - 1), 0 for continuous data). ``scales_stderr``: per term.
-  ``scan`` / ``scan_stderr``: the total with the reconstruction term at each of
-  ``config.truncations`` (column 0 = bits_per_pixel); ``scales_scan``: per term."""
+
+  The reconstruction term sits at the cut of ``config.truncations`` that the evaluations
+  support best, chosen without selection bias: each replica takes the cut where the other
+  replicas' mean is lowest (``cross_fitted_cut``; ``cuts``: each replica's, pixel units),
+  and the figures are the means of the replicas' values at their cuts.
+  ``scan`` / ``scan_stderr``: the total at each cut (column 0: sigma_min, the bound of a
+  perfect denoiser); ``scales_scan``: per term. Their minimum over cuts is optimistic by
+  about a standard error; ``bits_per_pixel`` is not."""
   bits_per_pixel: jax.Array  # (B,)
   stderr: jax.Array  # (B,)
   scales: dict[str, jax.Array]  # each (B,)
   scales_stderr: dict[str, jax.Array]  # each (B,)
+  cuts: jax.Array  # (B, R) pixel units
   scan: jax.Array  # (B, T)
   scan_stderr: jax.Array  # (B, T)
   scales_scan: dict[str, jax.Array]  # each (B, T)
@@ -139,16 +146,27 @@ def _prior_kl(x: jax.Array, sigma_max: float, mean: float, var: float) -> jax.Ar
   return per.reshape(x.shape[0], -1).sum(-1)
 
 
-def bound_scan(keys: jax.Array, denoiser: Denoiser, x: jax.Array, cfg: LikelihoodConfig, *,
-               sigma_min: float | None = None, prior_mean: float | None = None,
-               prior_var: float | None = None) -> tuple[jax.Array, jax.Array]:
+def bound_scan(keys: jax.Array, denoiser: Denoiser, x: jax.Array, cfg: LikelihoodConfig,
+               **kwargs) -> tuple[jax.Array, jax.Array]:
   """The bound on -log p(x) in nats for continuous x (B, h, w, c) with the reconstruction
-  term at each of sigma_min * 2^k, k < cfg.scan: (estimates (B, T), stderrs (B, T)).
+  term at each of sigma_min * 2^k, k < cfg.scan: (estimates (B, T), stderrs (B, T)): the
+  mean and standard error of ``replica_scan``'s replicas."""
+  per = replica_scan(keys, denoiser, x, cfg, **kwargs)
+  return per.mean(1), per.std(1, ddof=1) / math.sqrt(cfg.replicas)
+
+
+def replica_scan(keys: jax.Array, denoiser: Denoiser, x: jax.Array, cfg: LikelihoodConfig, *,
+                 sigma_min: float | None = None, prior_mean: float | None = None,
+                 prior_var: float | None = None) -> jax.Array:
+  """(B, R, T) nats: each of the R independent replicas' estimate of the bound on -log p(x)
+  for continuous x (B, h, w, c), with the reconstruction term at each of sigma_min * 2^k,
+  k < cfg.scan.
 
   keys: (B,) one key per image (its noise levels and noise); denoiser(y, sigma) -> E[x | y].
   sigma_min / prior_*: override the config's for this scale (the multi-scale gains). The
-  evaluations are log-uniform on [sigma_min, sigma_max]; truncation t keeps those >= t
-  (an unbiased estimate of the integral from t).
+  evaluations are log-uniform on [sigma_min, sigma_max] (each replica a shifted lattice of
+  cfg.strata levels); truncation t keeps those >= t (an unbiased estimate of the integral
+  from t).
   """
   b = x.shape[0]
   d = math.prod(x.shape[1:])
@@ -174,11 +192,9 @@ def bound_scan(keys: jax.Array, denoiser: Denoiser, x: jax.Array, cfg: Likelihoo
   vals = vals.T.reshape(b, k, r)
   cuts = jnp.asarray([min(s_min * 2 ** i, s_max) for i in range(cfg.scan)], jnp.float32)  # (T,)
   keep = log_sigmas.reshape(b, k, r)[..., None] >= jnp.log(cuts)  # (B, K, R, T)
-  per_replica = jnp.mean(jnp.where(keep, vals[..., None], 0.0), axis=1)  # (B, R, T)
-  diffusion = per_replica.mean(1)  # (B, T)
-  stderr = per_replica.std(1, ddof=1) / math.sqrt(r)
+  diffusion = jnp.mean(jnp.where(keep, vals[..., None], 0.0), axis=1)  # (B, R, T)
   recon = 0.5 * d * jnp.log(2 * math.pi * math.e * cuts ** 2)  # (T,)
-  return _prior_kl(x, s_max, mean, var)[:, None] + recon + diffusion, stderr
+  return _prior_kl(x, s_max, mean, var)[:, None, None] + recon + diffusion
 
 
 def _dequantize(keys: jax.Array, x: jax.Array, bins: int) -> jax.Array:
@@ -202,25 +218,47 @@ def _per_scale(keys: jax.Array, scale: int) -> jax.Array:
 def multiscale_nats(keys: jax.Array, low_denoiser: Denoiser,
                     cond_denoisers: Sequence[CondDenoiser], x: jax.Array, cfg: LikelihoodConfig,
                     wavelet: str = "haar") -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  """Per-term nats (and stderrs), each (B, T) over ``cfg.truncations``, of continuous x
+  """Per-term nats (and stderrs), each (B, T) over ``cfg.truncations``: the mean and standard
+  error of ``multiscale_replicas``' replicas."""
+  per = multiscale_replicas(keys, low_denoiser, cond_denoisers, x, cfg, wavelet)
+  return ({n: v.mean(1) for n, v in per.items()},
+          {n: v.std(1, ddof=1) / math.sqrt(cfg.replicas) for n, v in per.items()})
+
+
+def multiscale_replicas(keys: jax.Array, low_denoiser: Denoiser,
+                        cond_denoisers: Sequence[CondDenoiser], x: jax.Array,
+                        cfg: LikelihoodConfig, wavelet: str = "haar") -> dict[str, jax.Array]:
+  """Per-term nats of each replica, each (B, R, T) over ``cfg.truncations``, of continuous x
   (B, H, W, C) under a pyramid of len(cond_denoisers) levels: 'low', 'cond{j}' and
   'log_det' (sum over terms = the bound). Truncation t is t 2^-(j+1) for the details of level
   j and t 2^-J for the low-pass: one pixel-domain noise level for every scale."""
   levels = len(cond_denoisers)
   lows, details = wavelets.analysis(x, levels, wavelet)
-  nats, errs = {}, {}
-  nats["low"], errs["low"] = bound_scan(
-      _per_scale(keys, 0), low_denoiser, lows[-1], cfg,
-      sigma_min=cfg.sigma_min * wavelets.band_scale(levels))
+  nats = {"low": replica_scan(_per_scale(keys, 0), low_denoiser, lows[-1], cfg,
+                              sigma_min=cfg.sigma_min * wavelets.band_scale(levels))}
   for j in reversed(range(levels)):
     f = functools.partial(lambda y, s, j: cond_denoisers[j](y, lows[j], s), j=j)
-    nats[f"cond{j}"], errs[f"cond{j}"] = bound_scan(
+    nats[f"cond{j}"] = replica_scan(
         _per_scale(keys, j + 1), f, details[j], cfg,
         sigma_min=cfg.sigma_min * wavelets.band_scale(j + 1), prior_mean=0.0, prior_var=0.0)
   dims = sum(math.prod(v.shape[1:]) for v in [x] + lows[:-1])  # inputs of the J splits
-  nats["log_det"] = jnp.full((x.shape[0], cfg.scan), LN2 * dims)
-  errs["log_det"] = jnp.zeros((x.shape[0], cfg.scan))
-  return nats, errs
+  nats["log_det"] = jnp.full((x.shape[0], cfg.replicas, cfg.scan), LN2 * dims)
+  return nats
+
+
+def cross_fitted_cut(total: jax.Array) -> jax.Array:
+  """(B, R, T) replicas' bounds at T cuts -> (B, R) the cut of each replica: the one with the
+  lowest mean over the *other* replicas. A replica's value at its cut is then an unbiased
+  estimate of the bound there (the cut was chosen without it), where the minimum of one
+  estimate over the cuts would be optimistic."""
+  r = total.shape[1]
+  others = (total.sum(1, keepdims=True) - total) / (r - 1)  # (B, R, T)
+  return jnp.argmin(others, axis=-1)
+
+
+def _at_cut(v: jax.Array, cut: jax.Array) -> jax.Array:
+  """(B, R, T) values at (B, R) cut indices -> (B, R)."""
+  return jnp.take_along_axis(v, cut[..., None], axis=-1)[..., 0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "conv_impl", "mesh"))
@@ -242,22 +280,24 @@ def _log_prob_local(keys, params: models.ModelParams, images, cfg: LikelihoodCon
   x = _dequantize(deq_keys, images.astype(jnp.float32), cfg.bins)
   blind = lambda name: (lambda y, _s, f=params.residual_fn(name, conv_impl): y - f(y))
   if spec.levels == 0:
-    nats, errs = bound_scan(_per_scale(scale_keys, 0), blind("flat"), x, cfg)
-    nats, errs = {"flat": nats}, {"flat": errs}
+    nats = {"flat": replica_scan(_per_scale(scale_keys, 0), blind("flat"), x, cfg)}
   else:
     conds = [(lambda y, low, _s, f=params.residual_fn(f"cond{j}", conv_impl):
               y - f(jnp.concatenate([low, y], -1))) for j in range(spec.levels)]
-    nats, errs = multiscale_nats(scale_keys, blind("low"), conds, x, cfg, spec.wavelet)
+    nats = multiscale_replicas(scale_keys, blind("low"), conds, x, cfg, spec.wavelet)
   pixels = math.prod(images.shape[1:])
-  scales = {n: v / (pixels * LN2) for n, v in nats.items()}
-  scales_err = {n: v / (pixels * LN2) for n, v in errs.items()}
+  reps = {n: v / (pixels * LN2) for n, v in nats.items()}  # each (B, R, T) bits per pixel
   deq = math.log2(cfg.bins - 1) if cfg.bins else 0.0
-  scales["dequantization"] = jnp.full((images.shape[0], cfg.scan), deq)
-  scales_err["dequantization"] = jnp.zeros((images.shape[0], cfg.scan))
-  total = sum(scales.values())  # (B, T)
-  stderr = jnp.sqrt(sum(e ** 2 for e in scales_err.values()))  # scales use independent keys
-  return LogProb(total[:, 0], stderr[:, 0], {n: v[:, 0] for n, v in scales.items()},
-                 {n: v[:, 0] for n, v in scales_err.items()}, total, stderr, scales)
+  reps["dequantization"] = jnp.full((images.shape[0], cfg.replicas, cfg.scan), deq)
+  sqrt_r = math.sqrt(cfg.replicas)
+  se = lambda v: v.std(1, ddof=1) / sqrt_r  # over replicas: (B, R, ...) -> (B, ...)
+  total = sum(reps.values())  # (B, R, T): replica r of every term, summed
+  cut = cross_fitted_cut(total)  # (B, R)
+  at_cut = {n: _at_cut(v, cut) for n, v in reps.items()}  # each (B, R)
+  chosen = _at_cut(total, cut)
+  return LogProb(chosen.mean(1), se(chosen), {n: v.mean(1) for n, v in at_cut.items()},
+                 {n: se(v) for n, v in at_cut.items()}, jnp.asarray(cfg.truncations)[cut],
+                 total.mean(1), se(total), {n: v.mean(1) for n, v in reps.items()})
 
 
 def _check_images(params: models.ModelParams, images) -> jax.Array:
@@ -311,11 +351,13 @@ def dataset_log_prob(params: models.ModelParams, images: np.ndarray, *, seed: in
   so two models evaluated with one seed are paired and the batch size changes nothing. One
   jitted program for every batch (the last one padded); mesh: split each over its devices.
 
-  Returns JSON-ready means over the images: 'bits_per_pixel', 'mc_stderr' (Monte Carlo error
-  of that mean on these images), 'stderr_over_images' (the mean's error as an estimate over
-  the image distribution), per term 'scales' / 'scales_mc_stderr', 'per_image', and 'scan':
-  the mean bound at each reconstruction cut (``config.truncations``) and the best of them
-  (a minimum over ``config.scan`` estimates: optimistic by at most about its standard error).
+  Returns JSON-ready means over the images: 'bits_per_pixel' (``LogProb``'s: each replica at
+  the cut chosen by the others), 'mc_stderr' (Monte Carlo error of that mean on these
+  images), 'stderr_over_images' (the mean's error as an estimate over the image
+  distribution), per term 'scales' / 'scales_mc_stderr', 'per_image', 'cut_255' (how often
+  each cut, in /255, was chosen), and 'scan': the mean bound at each cut
+  (``config.truncations``) and the best of them (a minimum over ``config.scan`` estimates:
+  optimistic by at most about its standard error, unlike 'bits_per_pixel').
   """
   cfg = LikelihoodConfig() if config is None else config
   validation.positive_int(batch_size, "batch_size")
@@ -335,6 +377,7 @@ def dataset_log_prob(params: models.ModelParams, images: np.ndarray, *, seed: in
   scan = np.concatenate([p.scan for p in parts]).astype(np.float64)  # (N, T)
   scan_se = np.concatenate([p.scan_stderr for p in parts]).astype(np.float64)
   best = int(np.argmin(scan.mean(0)))
+  cuts = cat(lambda p: p.cuts)  # (N, R)
   scales_at = lambda k: {n: float(np.concatenate([p.scales_scan[n][:, k] for p in parts]).mean())
                          for n in parts[0].scales_scan}
   return {
@@ -353,5 +396,7 @@ def dataset_log_prob(params: models.ModelParams, images: np.ndarray, *, seed: in
       "scales_mc_stderr": {k: mc(cat(lambda p, k=k: p.scales_stderr[k]))
                            for k in parts[0].scales},
       "per_image": bpp.tolist(), "num_images": n,
+      "cut_255": {f"{t * 255:g}": int(np.sum(np.isclose(cuts, t))) for t in cfg.truncations
+                  if np.any(np.isclose(cuts, t))},
       "config": dataclasses.asdict(cfg), "seed": seed,
   }
