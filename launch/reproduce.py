@@ -15,9 +15,12 @@ With --budget_runs (the workdirs of the same experiment run at other --num_steps
 'budgets' stage adds budgets.md and budgets.png: each claim's worst-level difference against
 the images seen per net.
 
-Every stage is a run of launch/train.py, evaluate.py or sample.py (their logs in
---workdir/logs/); rerunning the command resumes the training runs and redoes the rest.
+The training stages call the library's trainer in this process (each model directory is
+what launch/train.py would write, with reproduce.flags as its record); 'evaluate' and the
+samples of 'figures' are runs of launch/evaluate.py and sample.py. Every stage's log is in
+--workdir/logs/; rerunning the command resumes the training runs and redoes the rest.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -112,24 +115,65 @@ def _run(script: str, args: list[str], log_name: str) -> None:
   common.log(f"{log_name}: done in {time.time() - t0:.0f} s")
 
 
-def _train_args(name: str, steps: int, colour: bool = False) -> list[str]:
+def _train(stage: str, name: str, steps: int, levels: int, rf: int, colour: bool = False,
+           nets: tuple[str, ...] | None = None) -> None:
+  """Train (or resume) model ``name`` with the library's trainer; levels = 0: a flat net of
+  receptive field ``rf``, else conditional nets of ``rf`` under a ``levels``-level pyramid."""
+  from wcdm_jax import checkpoints, data, models, pipeline, trainer, training  # pylint: disable=g-import-not-at-top
+  channels = 3 if colour else 1
+  size = (FLAGS.image_size, FLAGS.image_size)
   layers = FLAGS.colour_num_layers if colour and FLAGS.colour_num_layers else FLAGS.num_layers
   low_layers, low_rf = FLAGS.low_num_layers, FLAGS.low_rf
   if colour and FLAGS.colour_low_num_layers:  # all 3x3: receptive field 2 L + 1
     low_layers = FLAGS.colour_low_num_layers
     low_rf = 2 * low_layers + 1
-  return [f"--workdir={os.path.join(FLAGS.workdir, name)}", f"--data={FLAGS.data}",
-          f"--image_size={FLAGS.image_size}", f"--crop={FLAGS.crop}",
-          f"--eval_fraction={FLAGS.eval_fraction}", f"--color={'colour' if colour else 'grey'}",
-          f"--num_layers={layers}", f"--low_num_layers={low_layers}",
-          f"--low_rf={low_rf}", f"--features={FLAGS.features}",
-          f"--batch_size={FLAGS.batch_size}", f"--num_steps={steps}",
-          f"--learning_rate={FLAGS.learning_rate}", f"--recipe={FLAGS.recipe}"] + (
-              [f"--lr_halve_every={FLAGS.lr_halve_every * steps // FLAGS.num_steps or 1}"]
-              if FLAGS.recipe == "paper" else []) + [
-          "--level_multiplier=1", f"--seed={FLAGS.seed}", f"--log_every={FLAGS.log_every}",
-          f"--eval_every={FLAGS.eval_every}", f"--checkpoint_every={FLAGS.checkpoint_every}",
-          f"--conv_impl={FLAGS.conv_impl}"]
+  workdir = os.path.join(FLAGS.workdir, name)
+  recipe = {"lr_halve_every": FLAGS.lr_halve_every * steps // FLAGS.num_steps or 1} if (
+      FLAGS.recipe == "paper") else {}
+  try:
+    if levels == 0:
+      spec = models.ModelSpec(low=models.flat_spec(rf, channels, layers, FLAGS.features),
+                              image_size=size)
+    else:
+      spec = models.multiscale_spec(levels, rf, low_rf, channels, size, "haar", layers,
+                                    low_layers, FLAGS.features)
+    data_cfg = data.DataConfig(FLAGS.data, FLAGS.image_size, channels, FLAGS.crop,
+                               eval_fraction=FLAGS.eval_fraction)
+    cfg = training.TrainConfig.from_recipe(
+        FLAGS.recipe, batch_size=FLAGS.batch_size, num_steps=steps,
+        learning_rate=FLAGS.learning_rate, level_multiplier=1, seed=FLAGS.seed,
+        conv_impl=FLAGS.conv_impl, **recipe)
+    run = trainer.RunConfig(workdir, nets=nets or (), log_every=FLAGS.log_every,
+                            eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every,
+                            record=(("reproduce.flags", common.flags_text(
+                                FLAGS, os.path.join(FLAGS.workdir, "reproduce.flags"),
+                                __name__)),))
+  except ValueError as e:
+    common.fail(f"{stage}: {e}")
+  with _stage_log(stage) as log:
+    try:
+      final = trainer.train(spec, data_cfg, cfg, run, log=log)
+    except (ValueError, FileNotFoundError, checkpoints.CheckpointError,
+            checkpoints.NonFiniteError, pipeline.InputError) as e:
+      common.fail(f"stage {stage}: {e}")
+    for net, m in final.items():
+      if net != trainer.DENOISING:
+        log(f"final {net}: noisy {m['psnr_noisy']:.2f} dB -> denoised "
+            f"{m['psnr_denoised']:.2f} dB")
+
+
+@contextlib.contextmanager
+def _stage_log(stage: str):
+  """A log function for one stage: each line to the console and to WORKDIR/logs/STAGE.log."""
+  os.makedirs(os.path.join(FLAGS.workdir, "logs"), exist_ok=True)
+  t0 = time.time()
+  with open(os.path.join(FLAGS.workdir, "logs", stage + ".log"), "a") as f:
+    def log(msg: str) -> None:
+      common.log(f"{stage}: {msg}")
+      f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+      f.flush()
+    yield log
+  common.log(f"{stage}: done in {time.time() - t0:.0f} s")
 
 
 def _copy_low_net(src_model: str, dst_model: str) -> None:
@@ -167,26 +211,21 @@ def main(argv):
                                          else "reproduce_partial.flags"), __name__)
   names = _names()
   path = lambda stage: os.path.join(FLAGS.workdir, names[stage])
-  levels = f"--levels={FLAGS.levels}"
   stages = [s for s in STAGES if s in FLAGS.stages]
+  small, large, steps = FLAGS.small_rf, FLAGS.large_rf, FLAGS.num_steps
   for stage in stages:
     if stage == "flat_small":
-      _run("train.py", _train_args(names[stage], FLAGS.num_steps) +
-           ["--levels=0", f"--flat_rf={FLAGS.small_rf}"], stage)
+      _train(stage, names[stage], steps, 0, small)
     elif stage == "flat_large":
-      _run("train.py", _train_args(names[stage], FLAGS.num_steps) +
-           ["--levels=0", f"--flat_rf={FLAGS.large_rf}"], stage)
+      _train(stage, names[stage], steps, 0, large)
     elif stage == "ms_small":
-      _run("train.py", _train_args(names[stage], FLAGS.num_steps) +
-           [levels, f"--cond_rf={FLAGS.small_rf}"], stage)
+      _train(stage, names[stage], steps, FLAGS.levels, small)
     elif stage == "ms_large":
-      conds = ",".join(f"cond{j}" for j in range(FLAGS.levels))
-      _run("train.py", _train_args(names[stage], FLAGS.num_steps) +
-           [levels, f"--cond_rf={FLAGS.large_rf}", f"--nets={conds}"], stage)
+      _train(stage, names[stage], steps, FLAGS.levels, large,
+             nets=tuple(f"cond{j}" for j in range(FLAGS.levels)))
       _copy_low_net(path("ms_small"), path("ms_large"))
     elif stage == "colour":
-      _run("train.py", _train_args(names[stage], FLAGS.colour_steps, colour=True) +
-           [levels, f"--cond_rf={FLAGS.small_rf}"], stage)
+      _train(stage, names[stage], FLAGS.colour_steps, FLAGS.levels, small, colour=True)
     elif stage == "evaluate":
       grey = ("flat_small", "flat_large", "ms_small", "ms_large")
       _run("evaluate.py", _eval_args([path(s) for s in grey], [names[s] for s in grey], "eval"),

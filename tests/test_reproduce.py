@@ -9,6 +9,7 @@ import pytest
 import numpy as np
 from PIL import Image
 
+import cli
 from conftest import REPO, cli_env
 
 
@@ -56,10 +57,8 @@ def test_reproduce_toy(tmp_path):
   small.mkdir()
   summary["budget"]["images_per_net"] = 120
   (small / "summary.json").write_text(json.dumps(summary))
-  res = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "reproduce.py"), f"--workdir={wd}",
-       f"--data=folder:{images}", "--stages=budgets", f"--budget_runs={small}"],
-      capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+  res = cli.run("reproduce.py", f"--workdir={wd}", f"--data=folder:{images}",
+                "--stages=budgets", f"--budget_runs={small}")
   assert res.returncode == 0, res.stderr[-3000:]
   table = (wd / "budgets.md").read_text().splitlines()
   assert table[2].startswith("| 120 |") and table[3].startswith("| 240 |"), table
@@ -69,13 +68,13 @@ def test_reproduce_toy(tmp_path):
   missing = tmp_path / "no_such_run"
   for runs, message in [(small, "is not a summary.json"), (missing, "does not exist"),
                         (wd, "two runs with 240 images per net")]:
-    res = subprocess.run(
-        [sys.executable, os.path.join(REPO, "launch", "reproduce.py"), f"--workdir={wd}",
-         f"--data=folder:{images}", "--stages=budgets", f"--budget_runs={runs}"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    res = cli.run("reproduce.py", f"--workdir={wd}", f"--data=folder:{images}",
+                  "--stages=budgets", f"--budget_runs={runs}")
     assert res.returncode == 1 and message in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
   assert (wd / "budgets.md").read_text().splitlines() == table
+  assert "final cond0" in (wd / "logs" / "ms_large.log").read_text()  # the stage's own log
+  assert "--small_rf=5" in (wd / "ms_rf5" / "reproduce.flags").read_text()  # each model's record
   spec = json.loads((wd / "colour_ms_rf5" / "spec.json").read_text())  # --colour_num_layers
   assert [len(c["kernel_sizes"]) for c in spec["conditionals"]] == [4]
   assert spec["low"]["kernel_sizes"] == [3, 3]  # --colour_low_num_layers: all 3x3
