@@ -11,6 +11,7 @@ orthonormal projections). Writes OUT/grid_NNN.png per image (original, M M^T x, 
 prior) and OUT/results.json (PSNR and SSIM per image and mean, the M M^T x baseline, steps,
 aborted/converged counts and wall time per prior).
 """
+import functools
 import json
 import os
 import sys
@@ -20,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
-from launch import common  # pylint: disable=g-import-not-at-top
+from launch import common, flagdefs  # pylint: disable=g-import-not-at-top
+from wcdm_jax.inverse.solver import SolverConfig  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("task", None, ["inpaint", "pixels", "sr", "deblur", "cs"], "The problem.")
@@ -42,15 +44,10 @@ flags.DEFINE_integer("factor", 4, "sr: block size.", lower_bound=2)
 flags.DEFINE_enum("cs_kind", "auto", ["auto", "dense", "fast"], "cs: projection matrix.")
 flags.DEFINE_enum("band", "hermitian", ["hermitian", "original"], "deblur: frequency band.")
 flags.DEFINE_bool("original", False, "Use the original code's settings (beta 0.01, no final "
-                  "projection, no abort); the flags below then only set the step cap.")
-flags.DEFINE_float("beta", None, "Injected noise (1 = none); default by task: 0.1 for "
-                   "inpaint, 0.05 for the others.")
-flags.DEFINE_float("h0", 0.01, "Step size (first step; ascending).")
-flags.DEFINE_float("sigma_L", 0.01, "Stop once the effective noise is below this.")
-flags.DEFINE_integer("max_steps", 3000, "Step cap per image.", lower_bound=1)
-flags.DEFINE_float("abort_sigma", 3.0, "Stop and flag an image whose effective noise exceeds "
-                   "this (divergence).")
-flags.DEFINE_bool("project", True, "End with the exact projection onto the measurements.")
+                  "projection, no abort) with --max_steps as the cap; solver flags given "
+                  "explicitly override them.")
+# The solver's settings: SolverConfig's fields (wcdm_jax.inverse.SolverConfig).
+flagdefs.define(SolverConfig, skip=("method",))
 flags.DEFINE_integer("seed", 0, "Seed of the operator (random tasks) and of the solver.")
 flags.DEFINE_string("out", None, "Output directory.")
 flags.mark_flags_as_required(["task", "models", "out"])
@@ -89,11 +86,13 @@ def main(argv):
   if len(methods) != len(FLAGS.models):
     raise app.UsageError("--methods needs one entry per --models entry")
   try:
-    base = inverse.ORIGINAL if FLAGS.original else inverse.SolverConfig(
-        h0=FLAGS.h0, beta=FLAGS.beta, sigma_L=FLAGS.sigma_L, project=FLAGS.project)
-    if not FLAGS.original:
-      base = dataclasses.replace(base, abort_sigma=FLAGS.abort_sigma)
-    configs = [dataclasses.replace(base, max_steps=FLAGS.max_steps, method=m) for m in methods]
+    given = flagdefs.overrides(SolverConfig, skip=("method",))
+    if FLAGS.original:  # the original code's settings, but the step cap and explicit flags
+      given = {k: v for k, v in given.items()
+               if k == "max_steps" or common.set_explicitly(FLAGS, k)}
+    base = flagdefs.build(functools.partial(dataclasses.replace, inverse.ORIGINAL)
+                          if FLAGS.original else SolverConfig, given)
+    configs = [dataclasses.replace(base, method=m) for m in methods]
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   priors = {n: common.load_model(m, mesh) for n, m in zip(names, FLAGS.models)}

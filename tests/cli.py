@@ -19,7 +19,6 @@ import sys
 from unittest import mock
 
 from absl import app, flags
-from absl.testing import flagsaver
 
 from conftest import REPO
 
@@ -54,12 +53,11 @@ def parse(script: str, *args: str) -> None:
   """Parse ``args`` against ``script``'s flags (names, types, enums; flagfiles read) and
   restore the flags; raises absl's flags.Error for a bad one."""
   _entry_point(script)
-  with flagsaver.flagsaver():
+  FLAGS.unparse_flags()
+  try:
+    FLAGS([os.path.join(REPO, "launch", script), *args])
+  finally:
     FLAGS.unparse_flags()
-    try:
-      FLAGS([os.path.join(REPO, "launch", script), *args])
-    finally:
-      FLAGS.unparse_flags()
 
 
 def run(script: str, *args: str) -> Result:
@@ -68,7 +66,9 @@ def run(script: str, *args: str) -> Result:
   argv = [os.path.join(REPO, "launch", script), *args]
   out, err = io.StringIO(), io.StringIO()
   code = 0
-  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv), \
+  # Every flag back to its default before and after (absl's flagsaver would also delete the
+  # flags a library defines on first import inside the run, e.g. grain's, for good).
+  with mock.patch.object(sys, "argv", argv), \
       contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     FLAGS.unparse_flags()
     try:

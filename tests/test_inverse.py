@@ -2,15 +2,14 @@
 determinism, batch = singles, bad inputs and the CLI."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_env, shared_path
+import cli
+from conftest import shared_path
 import wcdm_jax
 from wcdm_jax import evaluation, inverse, models, pretrained, sampling
 from wcdm_jax.inverse import solver
@@ -323,9 +322,7 @@ def test_parity_with_original(task, flat43):
 # --- the CLI ------------------------------------------------------------------------------------
 
 def _cli(*args):
-  env = cli_env()
-  return subprocess.run([sys.executable, os.path.join(REPO, "launch", "solve.py"), *args],
-                        capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+  return cli.run("solve.py", *args)
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +360,10 @@ def test_solve_tool(model_dirs, tmp_path):
     (["--task=inpaint", "--box=40"], "fit"),
     (["--task=sr", "--factor=8", "--methods=coarse_to_fine,auto"], "flat denoiser"),
     (["--task=cs", "--names=a"], "one distinct label"),
+    # the solver's flags are SolverConfig's fields: its checks, naming the flag
+    (["--task=pixels", "--beta=2"], r"--beta=2.0: beta"),
+    (["--task=pixels", "--max_steps=0"], r"--max_steps=0: max_steps"),
+    (["--task=pixels", "--sigma_0=-1"], r"--sigma_0=-1.0: sigma_0"),
 ])
 def test_solve_tool_bad_input(model_dirs, tmp_path, args, match):
   f, m = model_dirs

@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from wcdm_jax import denoising, models, parallel, sampling, validation, wavelets
+from wcdm_jax.settings import setting
 from wcdm_jax.inverse import operators as ops
 
 
@@ -52,15 +53,19 @@ class SolverConfig:
   block averages, low frequencies, random projections), which converge better with less
   injected noise.
   """
-  h0: float = 0.01
-  beta: float | None = None
-  sigma_0: float = 1.0
-  sigma_L: float = 0.01
-  ascending: bool = True
-  max_steps: int = 3000
-  abort_sigma: float = 3.0
-  project: bool = True
-  method: str = "auto"
+  h0: float = setting(0.01, "Step size (the first step's when ascending).")
+  beta: float | None = setting(None, "Injected noise, in (0, 1] (1 = none); auto: by operator "
+                               "(0.1 for a hole, 0.05 for spread measurements).",
+                               none_word="auto")
+  sigma_0: float = setting(1.0, "Std of the initial state's noise.")
+  sigma_L: float = setting(0.01, "Stop once the effective noise is below this.")
+  ascending: bool = setting(True, "Ascending step sizes h_t = h0 t / (1 + h0 (t - 1)).")
+  max_steps: int = setting(3000, "Step cap per image (an image that reaches it is not "
+                           "converged).")
+  abort_sigma: float = setting(3.0, "Stop and flag an image whose effective noise exceeds it.")
+  project: bool = setting(True, "End with the exact projection onto the measurements.")
+  method: str = setting("auto", "auto (coarse-to-fine where the model and operator allow it), "
+                        "plugin or coarse_to_fine.", choices=("auto", "plugin", "coarse_to_fine"))
   cond_config: Any = None
 
   def __post_init__(self):
