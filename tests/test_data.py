@@ -129,3 +129,18 @@ def test_colour_decoding_keeps_channel_values(tmp_path):
   np.testing.assert_allclose(batch[0, 5, 5], [200 / 255, 100 / 255, 50 / 255], atol=1e-6)
   grey = data.make_source(dataclasses.replace(cfg, channels=1), 1, split="all").batch(0)
   np.testing.assert_allclose(grey[0, 5, 5, 0], 350 / 3 / 255, atol=1e-6)
+
+
+def test_random_crops_reach_every_offset_and_the_half_scale_is_block_means():
+  """CropSource draws each crop offset in [0, H - S] (the last row and column included), and
+  the embedded data's half-scale images are the 2 x 2 block means of the full ones."""
+  tiny = data.CropSource(data.DataConfig(image_size=2, flips=False), 16, 0, "train")
+  tiny.images = [np.arange(9, dtype=np.float32).reshape(3, 3, 1)]  # crops 2 x 2 of 3 x 3
+  corners = {float(c[0, 0, 0]) for step in range(20) for c in tiny.batch(step)}
+  assert corners == {0.0, 1.0, 3.0, 4.0}  # offsets 0 and 1 in both directions
+  src = data.make_source(data.DataConfig(image_size=16), 4, 0, "train")
+  full = [im for im in src.images if im.shape[0] == 384]
+  half = [im for im in src.images if im.shape[0] == 192]
+  assert len(full) == len(half) == 3
+  for f, h in zip(full, half):
+    np.testing.assert_allclose(h, f.reshape(192, 2, 256, 2, 1).mean((1, 3)), rtol=1e-6)
