@@ -51,6 +51,35 @@ def load_model(path: str, mesh=None):
     fail(e)
 
 
+def train_model(spec, data_cfg, cfg, run, log_fn=log, what: str = "") -> None:
+  """``trainer.train(...)``, ending the program with one line (``what`` + the error) on a
+  user's error (bad data, a checkpoint that cannot be resumed, a run that turned
+  non-finite); logs each net's final PSNR and gains over the identity, and the held-out
+  comparison with the best Gaussian filter, through ``log_fn``."""
+  from wcdm_jax import checkpoints, pipeline, trainer  # pylint: disable=g-import-not-at-top
+  try:
+    final = trainer.train(spec, data_cfg, cfg, run, log=log_fn)
+  except (ValueError, FileNotFoundError, checkpoints.CheckpointError,
+          checkpoints.NonFiniteError, pipeline.InputError) as e:
+    fail(f"{what}{e}" if what else e)  # the exception itself: WCDM_JAX_TRACEBACK shows it
+  comparison = final.pop(trainer.DENOISING, None)
+  for name, m in final.items():
+    log_fn(f"final {name}: noisy {m['psnr_noisy']:.2f} dB -> denoised "
+           f"{m['psnr_denoised']:.2f} dB")
+    if m.get("identity_gains"):
+      log_fn(f"  {name} while training, dB over its input by noise std (image units; < 0: "
+             "worse than the identity): " + ", ".join(
+                 f"<={hi:.2g} {g:+.1f}" for _, hi, g in m["identity_gains"]))
+  for r in comparison or ():
+    log_fn(f"held-out denoising, sigma {r['sigma']:g}: model {r['model']:.2f} dB, noisy "
+           f"{r['noisy']:.2f} dB, best Gaussian filter {r['gaussian']:.2f} dB (std "
+           f"{r['gaussian_width']:.2f} px): model - Gaussian {r['model'] - r['gaussian']:+.2f} dB")
+    if len(r["bands"]) > 1:
+      log_fn("  its squared error by scale, x 1e-4 (model / noisy / Gaussian): " + ", ".join(
+          f"{band} {e['model'] * 1e4:.2f} / {e['noisy'] * 1e4:.2f} / {e['gaussian'] * 1e4:.2f}"
+          for band, e in r["bands"].items()))
+
+
 def cluster_detected(environ=os.environ) -> bool:
   """A multi-process launch that jax.distributed.initialize() detects on its own: Open MPI,
   SLURM with several tasks, or a multi-host Cloud TPU slice."""

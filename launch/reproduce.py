@@ -97,29 +97,35 @@ def _names():
           "ms_large": f"ms_rf{l}", "colour": f"colour_ms_rf{s}"}
 
 
-def _run(script: str, args: list[str], log_name: str) -> None:
-  """Run launch/<script> with ``args``; its output goes to the console and WORKDIR/logs/."""
+@contextlib.contextmanager
+def _stage_log(stage: str):
+  """WORKDIR/logs/STAGE.log, open for appending; the stage's time is logged when it ends."""
   os.makedirs(os.path.join(FLAGS.workdir, "logs"), exist_ok=True)
-  log_path = os.path.join(FLAGS.workdir, "logs", log_name + ".log")
+  t0 = time.time()
+  with open(os.path.join(FLAGS.workdir, "logs", stage + ".log"), "a") as f:
+    yield f
+  common.log(f"{stage}: done in {time.time() - t0:.0f} s")
+
+
+def _run(script: str, args: list[str], log_name: str) -> None:
+  """Run launch/<script> with ``args``; its output goes to WORKDIR/logs/."""
   cmd = [sys.executable, os.path.join(LAUNCH, script)] + args
   common.log(f"{log_name}: {' '.join(cmd[1:])}")
-  t0 = time.time()
-  with open(log_path, "a") as log_file:
+  with _stage_log(log_name) as log_file:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
       log_file.write(line)
       log_file.flush()
     rc = proc.wait()
-  if rc:
-    raise RuntimeError(f"stage {log_name} failed (exit {rc}); see {log_path}")
-  common.log(f"{log_name}: done in {time.time() - t0:.0f} s")
+    if rc:
+      raise RuntimeError(f"stage {log_name} failed (exit {rc}); see {log_file.name}")
 
 
 def _train(stage: str, name: str, steps: int, levels: int, rf: int, colour: bool = False,
            nets: tuple[str, ...] | None = None) -> None:
   """Train (or resume) model ``name`` with the library's trainer; levels = 0: a flat net of
   receptive field ``rf``, else conditional nets of ``rf`` under a ``levels``-level pyramid."""
-  from wcdm_jax import checkpoints, data, models, pipeline, trainer, training  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import data, models, trainer, training  # pylint: disable=g-import-not-at-top
   channels = 3 if colour else 1
   size = (FLAGS.image_size, FLAGS.image_size)
   layers = FLAGS.colour_num_layers if colour and FLAGS.colour_num_layers else FLAGS.num_layers
@@ -150,30 +156,12 @@ def _train(stage: str, name: str, steps: int, levels: int, rf: int, colour: bool
                                 __name__)),))
   except ValueError as e:
     common.fail(f"{stage}: {e}")
-  with _stage_log(stage) as log:
-    try:
-      final = trainer.train(spec, data_cfg, cfg, run, log=log)
-    except (ValueError, FileNotFoundError, checkpoints.CheckpointError,
-            checkpoints.NonFiniteError, pipeline.InputError) as e:
-      common.fail(f"stage {stage}: {e}")
-    for net, m in final.items():
-      if net != trainer.DENOISING:
-        log(f"final {net}: noisy {m['psnr_noisy']:.2f} dB -> denoised "
-            f"{m['psnr_denoised']:.2f} dB")
-
-
-@contextlib.contextmanager
-def _stage_log(stage: str):
-  """A log function for one stage: each line to the console and to WORKDIR/logs/STAGE.log."""
-  os.makedirs(os.path.join(FLAGS.workdir, "logs"), exist_ok=True)
-  t0 = time.time()
-  with open(os.path.join(FLAGS.workdir, "logs", stage + ".log"), "a") as f:
-    def log(msg: str) -> None:
+  with _stage_log(stage) as f:
+    def log(msg: str) -> None:  # to the console and to the stage's log
       common.log(f"{stage}: {msg}")
       f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
       f.flush()
-    yield log
-  common.log(f"{stage}: done in {time.time() - t0:.0f} s")
+    common.train_model(spec, data_cfg, cfg, run, log, what=f"stage {stage}: ")
 
 
 def _copy_low_net(src_model: str, dst_model: str) -> None:

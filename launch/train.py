@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
 from launch import common, flagdefs  # pylint: disable=g-import-not-at-top
-from wcdm_jax import checkpoints, data, models, pipeline, trainer, training  # pylint: disable=g-import-not-at-top
+from wcdm_jax import data, models, trainer, training  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 # Every setting of the run is a field of a library config, and its flag is derived from it
@@ -104,28 +104,7 @@ def main(argv):
     common.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except (ValueError, RuntimeError) as e:
     common.fail(f"cannot start the multi-process runtime: {e}")
-  try:
-    final = trainer.train(spec, data_cfg, cfg, run, log=common.log)
-  except (ValueError, FileNotFoundError, checkpoints.CheckpointError,
-          checkpoints.NonFiniteError, pipeline.InputError) as e:
-    common.fail(e)
-  comparison = final.pop(trainer.DENOISING, None)
-  for name, m in final.items():
-    common.log(f"final {name}: noisy {m['psnr_noisy']:.2f} dB -> denoised "
-               f"{m['psnr_denoised']:.2f} dB")
-    if m.get("identity_gains"):
-      common.log(f"  {name} while training, dB over its input by noise std (image units; < 0: "
-                 "worse than the identity): " + ", ".join(
-                     f"<={hi:.2g} {g:+.1f}" for _, hi, g in m["identity_gains"]))
-  for r in comparison or ():
-    common.log(f"held-out denoising, sigma {r['sigma']:g}: model {r['model']:.2f} dB, noisy "
-               f"{r['noisy']:.2f} dB, best Gaussian filter {r['gaussian']:.2f} dB (std "
-               f"{r['gaussian_width']:.2f} px): model - Gaussian {r['model'] - r['gaussian']:+.2f} dB")
-    if len(r["bands"]) > 1:
-      common.log("  its squared error by scale, x 1e-4 (model / noisy / Gaussian): " + ", ".join(
-          f"{band} {e['model'] * 1e4:.2f} / {e['noisy'] * 1e4:.2f} / {e['gaussian'] * 1e4:.2f}"
-          for band, e in r["bands"].items()))
-
+  common.train_model(spec, data_cfg, cfg, run)
 
 if __name__ == "__main__":
   app.run(main)
