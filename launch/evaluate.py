@@ -26,10 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
-from launch import common  # pylint: disable=g-import-not-at-top
+from launch import common, flagdefs, tasks  # pylint: disable=g-import-not-at-top
+from wcdm_jax import likelihood  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
-GAUSSIAN = "best Gaussian filter"  # psnr.json's name of the baseline curve
 flags.DEFINE_list("models", None, "Model directories (flat and/or multi-scale).")
 flags.DEFINE_list("names", [], "Labels of the models (default: directory names).")
 flags.DEFINE_string("images", "embedded", "'folder:/path', 'tfds:name[:split]', 'embedded' or "
@@ -56,18 +56,7 @@ flags.DEFINE_bool("gaussian", True, "With --psnr: also the curve of the best Gau
                   "noise level (tuned on these very images), the baseline a denoiser must beat.")
 flags.DEFINE_bool("nll", False, "Negative log-likelihood bound in bits per pixel (nll.json, "
                   "nll.png).")
-flags.DEFINE_integer("nll_evals", 64, "--nll: denoiser evaluations per image and scale.",
-                     lower_bound=1)
-flags.DEFINE_integer("nll_replicas", 4, "--nll: shifted lattices (standard error from their "
-                     "spread).", lower_bound=2)
-flags.DEFINE_float("nll_sigma_min", 0.25, "--nll: smallest noise std (/255); the bound is also "
-                   "reported with the reconstruction at 2x, 4x, ... of it (--nll_scan).")
-flags.DEFINE_integer("nll_scan", 8, "--nll: reconstruction cuts sigma_min * 2^k, k < nll_scan.",
-                     lower_bound=1)
-flags.DEFINE_float("nll_sigma_max", 255.0, "--nll: largest noise std (/255): the nets' "
-                   "training range.")
-flags.DEFINE_integer("nll_bits", 8, "--nll: bit depth of the images (0 = continuous).",
-                     lower_bound=0, upper_bound=16)
+flagdefs.define(likelihood.LikelihoodConfig, prefix="nll_", help_prefix="--nll: ")
 flags.mark_flag_as_required("models")
 
 
@@ -77,18 +66,17 @@ def main(argv):
   common.setup_logging()
   common.check_native_setting()
   mesh = common.local_mesh()  # every local device: batches are split over them
-  from wcdm_jax import evaluation, likelihood  # pylint: disable=g-import-not-at-top
   from launch import plots  # pylint: disable=g-import-not-at-top
   if not (FLAGS.psnr or FLAGS.nll):
     raise app.UsageError("--nopsnr without --nll leaves nothing to evaluate")
   nll_cfg = None
   if FLAGS.nll:
     try:
-      nll_cfg = likelihood.LikelihoodConfig(
-          FLAGS.nll_evals, FLAGS.nll_replicas, FLAGS.nll_sigma_min / 255, FLAGS.nll_sigma_max / 255,
-          2 ** FLAGS.nll_bits if FLAGS.nll_bits else 0, scan=FLAGS.nll_scan)
+      nll_cfg = flagdefs.build(likelihood.LikelihoodConfig, flagdefs.overrides(
+          likelihood.LikelihoodConfig, prefix="nll_"), flagdefs.flag_names(
+              likelihood.LikelihoodConfig, "nll_"))
     except ValueError as e:
-      raise app.UsageError(f"--nll_*: {e}") from e
+      raise app.UsageError(str(e)) from e
   names = FLAGS.names or [os.path.basename(os.path.normpath(m)) for m in FLAGS.models]
   if len(names) != len(FLAGS.models):
     raise app.UsageError("--names needs one label per --models entry")
@@ -124,38 +112,13 @@ def main(argv):
     common.log(f"wrote {os.path.join(FLAGS.out, 'nll.json')}")
   if not FLAGS.psnr:
     return
-  results = {}
-  for name, params in models.items():
-    curve = evaluation.denoising_curve(params, images, [s / 255 for s in levels], FLAGS.seed,
-                                       FLAGS.batch_size, mesh=mesh)
-    common.require_finite(f"the denoising PSNRs of model {name!r}", curve["psnr_in"],
-                          curve["psnr_out"])
-    curve["noise_std_255"] = levels
-    curve["kind"] = "multi-scale" if params.spec.levels else "flat"
-    results[name] = curve
-    common.log(f"{name}: " + " ".join(f"{s:g}:{o:.2f}" for s, o in zip(levels, curve["psnr_out"])))
-    for k, s in enumerate(levels if "band_mse_out" in curve else ()):
-      common.log(f"  {name} at {s:g}/255, squared error by band x 1e-4 (output / input / the band "
-                 "set to 0): " + ", ".join(
-                     f"{b} {curve['band_mse_out'][b][k] * 1e4:.2f} / "
-                     f"{curve['band_mse_in'][b][k] * 1e4:.2f} / {e * 1e4:.2f}"
-                     for b, e in curve["band_energy"].items()))
-  if FLAGS.gaussian:
-    curve = evaluation.gaussian_curve(images, [s / 255 for s in levels], FLAGS.seed,
-                                      FLAGS.batch_size)
-    curve.update(noise_std_255=levels, kind="baseline")
-    results[GAUSSIAN] = curve
-    common.log(f"{GAUSSIAN}: " + " ".join(f"{s:g}:{o:.2f}" for s, o in zip(levels,
-                                                                          curve["psnr_out"])))
-  with open(os.path.join(FLAGS.out, "psnr.json"), "w") as f:
-    json.dump({"images": FLAGS.images, "num_images": len(images), "image_size": size,
-               "split": FLAGS.split, "seed": FLAGS.seed, "models": results}, f, indent=1)
-  common.log("wrote " + plots.psnr_curves(results, os.path.join(FLAGS.out, "psnr.png")))
+  tasks.write_psnr(models, images, levels, FLAGS.out, seed=FLAGS.seed,
+                   batch_size=FLAGS.batch_size, gaussian=FLAGS.gaussian, mesh=mesh,
+                   record={"images": FLAGS.images, "image_size": size, "split": FLAGS.split})
   if FLAGS.filters:
     path = plots.adaptive_filter_figure(models, images[0], FLAGS.filter_sigma / 255,
                                         os.path.join(FLAGS.out, "filters.png"), FLAGS.seed)
     common.log("wrote " + path)
-  common.log(f"wrote {os.path.join(FLAGS.out, 'psnr.json')}")
 
 
 if __name__ == "__main__":

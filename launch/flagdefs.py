@@ -51,6 +51,9 @@ def define(cls: type, *, prefix: str = "", skip: Sequence[str] = (),
                getattr(defaults, s.name) if defaults is not None else s.default)
     if s.name in unset and unset_help:
       helptext = f"{helptext} {unset_help}"
+    if s.scale != 1:
+      helptext = f"{helptext} (/{s.scale:g})"
+      default = None if default is None else float(f"{default * s.scale:.12g}")
     kw = dict(flag_values=flag_values, module_name=module_name)
     t = settings.base_type(s.type)
     if s.choices is not None:
@@ -93,6 +96,8 @@ def overrides(cls: type, *, prefix: str = "", skip: Sequence[str] = (),
     t = settings.base_type(s.type)
     if settings.is_optional(s.type) and t in (float, int):
       value = _parse_optional(value, s.none_word or "none", name)
+    elif s.scale != 1:
+      value = value / s.scale
     elif isinstance(value, list):
       item = _LIST_ITEM.get((id(flag_values), name), str)
       try:

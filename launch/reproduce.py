@@ -7,7 +7,7 @@ Trains, with the same budget of images seen per net:
   ms_rf{S}                a J-level model: the global low-pass net and conditional nets of RF S;
   ms_rf{L}                conditional nets of RF L sharing ms_rf{S}'s low-pass net (trained once);
   colour                  the J-level RF S model on 3 channels (its own, usually smaller, budget);
-then evaluates every grey model on the held-out files (launch/evaluate.py, --split=eval) and
+then evaluates every grey model on the held-out files (as launch/evaluate.py --split=eval) and
 writes into --workdir: eval/psnr.json + psnr.png (output vs input PSNR), curves.png (each
 net's per-scale PSNR against steps), colour/samples/ (denoising row, samples,
 super-resolution) and summary.json, which marks the paper's three claims held / not held.
@@ -15,16 +15,17 @@ With --budget_runs (the workdirs of the same experiment run at other --num_steps
 'budgets' stage adds budgets.md and budgets.png: each claim's worst-level difference against
 the images seen per net.
 
-The training stages call the library's trainer in this process (each model directory is
-what launch/train.py would write, with reproduce.flags as its record); 'evaluate' and the
-samples of 'figures' are runs of launch/evaluate.py and sample.py. Every stage's log is in
---workdir/logs/; rerunning the command resumes the training runs and redoes the rest.
+Every stage runs in this process: the training stages call the library's trainer (each model
+directory is what launch/train.py would write, with reproduce.flags as its record); 'evaluate'
+and the samples of 'figures' call what launch/evaluate.py and sample.py call (launch/tasks.py).
+Every stage's log is in --workdir/logs/; rerunning the command resumes the training runs and
+redoes the rest.
 """
 import contextlib
 import json
+import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -32,9 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
-from launch import common  # pylint: disable=g-import-not-at-top
+from launch import common, tasks  # pylint: disable=g-import-not-at-top
 
-LAUNCH = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("flat_small", "flat_large", "ms_small", "ms_large", "colour", "evaluate", "figures",
           "budgets")
 
@@ -99,26 +99,20 @@ def _names():
 
 @contextlib.contextmanager
 def _stage_log(stage: str):
-  """WORKDIR/logs/STAGE.log, open for appending; the stage's time is logged when it ends."""
+  """While open, every log line also goes to WORKDIR/logs/STAGE.log (appended); the stage's
+  time is logged when it ends."""
   os.makedirs(os.path.join(FLAGS.workdir, "logs"), exist_ok=True)
   t0 = time.time()
-  with open(os.path.join(FLAGS.workdir, "logs", stage + ".log"), "a") as f:
-    yield f
+  handler = logging.FileHandler(os.path.join(FLAGS.workdir, "logs", stage + ".log"))
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  logger = logging.getLogger("wcdm_jax")
+  logger.addHandler(handler)
+  try:
+    yield
+  finally:
+    logger.removeHandler(handler)
+    handler.close()
   common.log(f"{stage}: done in {time.time() - t0:.0f} s")
-
-
-def _run(script: str, args: list[str], log_name: str) -> None:
-  """Run launch/<script> with ``args``; its output goes to WORKDIR/logs/."""
-  cmd = [sys.executable, os.path.join(LAUNCH, script)] + args
-  common.log(f"{log_name}: {' '.join(cmd[1:])}")
-  with _stage_log(log_name) as log_file:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-      log_file.write(line)
-      log_file.flush()
-    rc = proc.wait()
-    if rc:
-      raise RuntimeError(f"stage {log_name} failed (exit {rc}); see {log_file.name}")
 
 
 def _train(stage: str, name: str, steps: int, levels: int, rf: int, colour: bool = False,
@@ -137,12 +131,9 @@ def _train(stage: str, name: str, steps: int, levels: int, rf: int, colour: bool
   recipe = {"lr_halve_every": FLAGS.lr_halve_every * steps // FLAGS.num_steps or 1} if (
       FLAGS.recipe == "paper") else {}
   try:
-    if levels == 0:
-      spec = models.ModelSpec(low=models.flat_spec(rf, channels, layers, FLAGS.features),
-                              image_size=size)
-    else:
-      spec = models.multiscale_spec(levels, rf, low_rf, channels, size, "haar", layers,
-                                    low_layers, FLAGS.features)
+    spec = models.ModelConfig(levels=levels, cond_rf=rf, flat_rf=rf, low_rf=low_rf,
+                              num_layers=layers, low_num_layers=low_layers,
+                              features=FLAGS.features).spec(channels, size)
     data_cfg = data.DataConfig(FLAGS.data, FLAGS.image_size, channels, FLAGS.crop,
                                eval_fraction=FLAGS.eval_fraction)
     cfg = training.TrainConfig.from_recipe(
@@ -156,12 +147,9 @@ def _train(stage: str, name: str, steps: int, levels: int, rf: int, colour: bool
                                 __name__)),))
   except ValueError as e:
     common.fail(f"{stage}: {e}")
-  with _stage_log(stage) as f:
-    def log(msg: str) -> None:  # to the console and to the stage's log
-      common.log(f"{stage}: {msg}")
-      f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
-      f.flush()
-    common.train_model(spec, data_cfg, cfg, run, log, what=f"stage {stage}: ")
+  with _stage_log(stage):
+    common.train_model(spec, data_cfg, cfg, run, lambda msg: common.log(f"{stage}: {msg}"),
+                       what=f"stage {stage}: ")
 
 
 def _copy_low_net(src_model: str, dst_model: str) -> None:
@@ -216,23 +204,47 @@ def main(argv):
       _train(stage, names[stage], FLAGS.colour_steps, FLAGS.levels, small, colour=True)
     elif stage == "evaluate":
       grey = ("flat_small", "flat_large", "ms_small", "ms_large")
-      _run("evaluate.py", _eval_args([path(s) for s in grey], [names[s] for s in grey], "eval"),
-           stage)
+      with _stage_log(stage):
+        _evaluate({names[s]: path(s) for s in grey}, "eval", channels=1)
       if os.path.isdir(path("colour")):
-        _run("evaluate.py", _eval_args([path("colour")], [names["colour"]], "eval_colour"),
-             stage + "_colour")
+        with _stage_log(stage + "_colour"):
+          _evaluate({names["colour"]: path("colour")}, "eval_colour", channels=3)
     elif stage == "figures":
       _figures(names, path)
     elif stage == "budgets":
       _budgets()
 
 
-def _eval_args(models: list[str], labels: list[str], out: str) -> list[str]:
-  return [f"--models={','.join(models)}", f"--names={','.join(labels)}",
-          f"--images={FLAGS.data}", f"--crop={FLAGS.crop}", f"--image_size={FLAGS.image_size}",
-          "--split=eval", f"--eval_fraction={FLAGS.eval_fraction}",
-          f"--num_images={FLAGS.eval_images}", f"--noise_levels={','.join(FLAGS.noise_levels)}",
-          f"--seed={FLAGS.seed}", f"--out={os.path.join(FLAGS.workdir, out)}"]
+def _evaluate(models: dict[str, str], out: str, channels: int) -> None:
+  """The PSNR curves of ``models`` ({label: directory}) on the held-out images: WORKDIR/OUT."""
+  mesh = common.local_mesh()
+  loaded = {name: common.load_model(path, mesh) for name, path in models.items()}
+  images = common.load_images(FLAGS.data, FLAGS.image_size, channels, FLAGS.crop,
+                              FLAGS.eval_images, "eval", FLAGS.eval_fraction)
+  common.log(f"{len(images)} held-out images of {FLAGS.image_size}x{FLAGS.image_size}")
+  tasks.write_psnr(loaded, images, [float(v) for v in FLAGS.noise_levels],
+                   os.path.join(FLAGS.workdir, out), seed=FLAGS.seed, mesh=mesh,
+                   record={"images": FLAGS.data, "image_size": FLAGS.image_size,
+                           "split": "eval"})
+
+
+def _samples(model: str, log_name: str, **job) -> str:
+  """Samples of ``model`` (flip-averaged ascents, see _figures) into MODEL/samples."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import sampling  # pylint: disable=g-import-not-at-top
+  low = dataclasses.replace(sampling.RELEASE_LOW, beta=0.1, sigma_L=0.05, ascending=True,
+                            max_steps=FLAGS.low_max_steps, flip_average=True)
+  cond = dataclasses.replace(sampling.RELEASE_COND, sigma_L=0.05, flip_average=True)
+  out = os.path.join(model, "samples")
+  mesh = common.local_mesh()
+  with _stage_log(log_name):
+    try:
+      tasks.write_samples(common.load_model(model, mesh), out, tasks.SampleJob(
+          FLAGS.colour_samples, FLAGS.seed, low_config=low, cond_config=cond,
+          low_rescale=(0.0, 0.8), **job), mesh)
+    except ValueError as e:
+      common.fail(f"{log_name}: {e}")
+  return out
 
 
 def _denoise_samples_figure(model: str, out: str) -> str:
@@ -277,19 +289,11 @@ def _figures(names: dict, path) -> None:
   # conditional ascents stop at noise std 0.05, above these nets' own error on clean details
   # (about 0.03 rms for cond0 after 64,000 images): below it their residual is mostly their
   # error, and a level-1 ascent run down to 0.01 draws vertical stripes (docs/training.md).
-  sampler = [f"--num_samples={FLAGS.colour_samples}", f"--seed={FLAGS.seed}", "--low_beta=0.1",
-             "--low_sigma_L=0.05", "--low_ascending", f"--low_max_steps={FLAGS.low_max_steps}",
-             "--low_rescale=0,0.8", "--flip_average", "--cond_sigma_L=0.05",
-             "--cond_sigma_L_finest=0.05"]
   if FLAGS.colour_samples:
-    _run("sample.py", [f"--model={path('ms_small')}",
-                       f"--out={os.path.join(path('ms_small'), 'samples')}"] + sampler,
-         "grey_samples")
+    _samples(path("ms_small"), "grey_samples")
   if os.path.isdir(path("colour")) and FLAGS.colour_samples:
-    out = os.path.join(path("colour"), "samples")
-    _run("sample.py", [f"--model={path('colour')}", f"--out={out}"] + sampler + [
-        f"--images={FLAGS.data}", f"--crop={FLAGS.crop}", "--num_images=6",
-        "--noise_sigmas=0.1,0.2,0.4"], "colour_samples")
+    out = _samples(path("colour"), "colour_samples", images=FLAGS.data, crop=FLAGS.crop,
+                   num_images=6, noise_sigmas=(0.1, 0.2, 0.4))
     common.log("wrote " + _denoise_samples_figure(path("colour"), out))
   with open(os.path.join(FLAGS.workdir, "eval", "psnr.json")) as f:
     results = json.load(f)["models"]

@@ -21,8 +21,8 @@ from wcdm_jax import data, models, trainer, training  # pylint: disable=g-import
 
 FLAGS = flags.FLAGS
 # Every setting of the run is a field of a library config, and its flag is derived from it
-# (name, type, default, help, allowed values: launch/flagdefs.py); only the model's shape and
-# the few CLI-only choices are defined here.
+# (name, type, default, help, allowed values: launch/flagdefs.py); only the few CLI-only choices
+# are defined here.
 flagdefs.define(trainer.RunConfig, skip=("data_processes", "record"))
 flags.mark_flag_as_required("workdir")
 flagdefs.define(data.DataConfig, skip=("channels",))
@@ -36,17 +36,7 @@ flagdefs.define(training.TrainConfig, unset=training.RECIPE_FIELDS,
 flags.DEFINE_enum("data_worker_kind", "auto", ["auto", "threads", "processes"], "Decoders as "
                   "threads of the training process or as processes (auto: processes above 4 "
                   "cores).")
-# Model.
-flags.DEFINE_integer("levels", 2, "Wavelet levels J; 0 trains a flat denoiser.", lower_bound=0)
-flags.DEFINE_string("wavelet", "haar", "Orthogonal PyWavelets wavelet.")
-flags.DEFINE_enum("wavelet_mode", "periodization", ["periodization", "symmetric", "reflect", "zero"],
-                  "Boundary mode (periodization is the orthonormal one).")
-flags.DEFINE_integer("cond_rf", 9, "Receptive field of the conditional nets.")
-flags.DEFINE_integer("low_rf", 41, "Receptive field of the low-pass net.")
-flags.DEFINE_integer("flat_rf", 43, "Receptive field of a flat net (levels=0).")
-flags.DEFINE_integer("num_layers", 21, "Layers of the conditional / flat nets.", lower_bound=2)
-flags.DEFINE_integer("low_num_layers", 20, "Layers of the low-pass net.", lower_bound=2)
-flags.DEFINE_integer("features", 64, "Channels of the hidden layers.", lower_bound=1)
+flagdefs.define(models.ModelConfig)
 # Several hosts, and the CLI itself.
 flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0 "
                     "(not needed on Cloud TPU or under SLURM / Open MPI, where JAX finds it).")
@@ -65,13 +55,8 @@ def main(argv):
   channels = 1 if FLAGS.color == "grey" else 3
   size = (FLAGS.image_size, FLAGS.image_size)
   try:
-    if FLAGS.levels == 0:
-      spec = models.ModelSpec(low=models.flat_spec(FLAGS.flat_rf, channels, FLAGS.num_layers,
-                                                   FLAGS.features), image_size=size)
-    else:
-      spec = models.multiscale_spec(FLAGS.levels, FLAGS.cond_rf, FLAGS.low_rf, channels, size,
-                                    FLAGS.wavelet, FLAGS.num_layers, FLAGS.low_num_layers,
-                                    FLAGS.features, FLAGS.wavelet_mode)
+    spec = flagdefs.build(models.ModelConfig, flagdefs.overrides(models.ModelConfig)).spec(
+        channels, size)
     data_cfg = flagdefs.build(data.DataConfig, dict(
         flagdefs.overrides(data.DataConfig, skip=("channels",)), channels=channels),
         flagdefs.flag_names(data.DataConfig))

@@ -45,6 +45,10 @@ def test_flagfile_round_trip(tmp_path):
     (["--loss_weighting=l1"], f"value should be one of <{'|'.join(training.LOSS_WEIGHTINGS)}>"),
     (["--cond_rf=8"], "receptive field 8 is impossible"),
     (["--image_size=18", "--levels=2"], "crop to 16x16 or pad to 20x20"),
+    # The model's shape is models.ModelConfig: its own message, naming the flag.
+    (["--features=0"], "--features=0: features must be >= 1"),
+    (["--levels=-1"], "--levels=-1: levels must be >= 0"),
+    (["--wavelet_mode=wrap"], "value should be one of <periodization|symmetric|reflect|zero>"),
 ])
 def test_bad_flags_fail_clearly(tmp_path, args, message):
   res = _train(f"--workdir={tmp_path}", *TINY, *args)
@@ -64,3 +68,24 @@ def test_every_flagfile_names_its_command_and_parses(name, tmp_path):
   else:  # its command, parsed against the script's own flag definitions (names, types, enums)
     script, *args = first.split()[2:]
     cli.parse(os.path.basename(script), *args)
+
+
+def test_scaled_flags_are_read_in_their_unit():
+  """A setting declared with scale=255 takes its flag in /255 and its field in [0, 1] units."""
+  from absl import flags
+  from launch import flagdefs
+  from wcdm_jax import likelihood
+  fv = flags.FlagValues()
+  flagdefs.define(likelihood.LikelihoodConfig, prefix="nll_", flag_values=fv, module_name="t")
+  assert fv["nll_sigma_min"].default == 0.25 and fv["nll_sigma_max"].default == 255.0
+  fv(["prog", "--nll_sigma_min=0.5", "--nll_bins=0", "--nll_evals=8"])
+  cls = likelihood.LikelihoodConfig
+  cfg = flagdefs.build(cls, flagdefs.overrides(cls, prefix="nll_", flag_values=fv),
+                       flagdefs.flag_names(cls, "nll_"))
+  assert cfg.sigma_min == pytest.approx(0.5 / 255) and cfg.sigma_max == pytest.approx(1.0)
+  assert cfg.bins == 0 and cfg.num_evals == 8 and cfg.replicas == 4
+  fv.unparse_flags()
+  fv(["prog", "--nll_sigma_min=300"])  # above sigma_max: the config's message, naming the flag
+  with pytest.raises(ValueError, match=r"--nll_sigma_min=.*sigma_min < sigma_max"):
+    flagdefs.build(cls, flagdefs.overrides(cls, prefix="nll_", flag_values=fv),
+                   flagdefs.flag_names(cls, "nll_"))

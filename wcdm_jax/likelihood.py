@@ -46,7 +46,7 @@ from flax import struct
 
 from jax.sharding import Mesh
 
-from wcdm_jax import models, parallel, validation, wavelets
+from wcdm_jax import models, parallel, settings, validation, wavelets
 
 LN2 = math.log(2.0)
 # denoiser(y (B, h, w, c), sigma (B,)) -> estimate of E[x | y] (B, h, w, c); blind ones ignore sigma
@@ -75,14 +75,20 @@ class LikelihoodConfig:
     without selection bias), and that cut says at which noise level the model's fine-scale
     density stops being better than Gaussian noise of that width. scan = 1: at sigma_min.
   """
-  num_evals: int = 64
-  replicas: int = 4
-  sigma_min: float = 0.25 / 255
-  sigma_max: float = 1.0
-  bins: int = 256
-  prior_mean: float = 0.5
-  prior_var: float = 1.0 / 12
-  scan: int = 8
+  num_evals: int = settings.setting(
+      64, "Denoiser evaluations per image and scale (a multiple of replicas).", flag="evals")
+  replicas: int = settings.setting(
+      4, "Shifted lattices; the standard error comes from their spread.")
+  sigma_min: float = settings.setting(
+      0.25 / 255, "Smallest noise std; the bound is also reported with the reconstruction at "
+      "2x, 4x, ... of it (scan).", scale=255)
+  sigma_max: float = settings.setting(
+      1.0, "Largest noise std: the nets' training range.", scale=255)
+  bins: int = settings.setting(256, "Levels per channel of the images (0 = continuous).")
+  prior_mean: float = settings.setting(0.5, "Mean of the low-pass (or flat) prior at sigma_max.")
+  prior_var: float = settings.setting(
+      1.0 / 12, "Variance of the low-pass (or flat) prior beyond sigma_max^2.")
+  scan: int = settings.setting(8, "Reconstruction cuts sigma_min * 2^k, k < scan.")
 
   def __post_init__(self):
     if not isinstance(self.replicas, int) or self.replicas < 2:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from wcdm_jax import wavelets
+from wcdm_jax import settings, wavelets
 from wcdm_jax.conv import conv2d
 
 Variables = dict[str, Any]
@@ -185,6 +185,41 @@ def multiscale_spec(levels: int, cond_rf: int = 9, low_rf: int = 41, channels: i
       conditionals=tuple(cond_spec(j, cond_rf, channels, num_layers, features)
                          for j in range(levels)),
       wavelet=wavelet, mode=mode, image_size=tuple(image_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A model's shape as settings (the flags of ``launch/train.py``); ``spec`` builds it.
+
+  ``levels == 0`` is a flat denoiser of receptive field ``flat_rf`` (``num_layers`` layers);
+  otherwise a ``levels``-level wavelet pyramid with conditional nets of ``cond_rf`` and a
+  low-pass net of ``low_rf``.
+  """
+  levels: int = settings.setting(2, "Wavelet levels J; 0 trains a flat denoiser.")
+  wavelet: str = settings.setting("haar", "Orthogonal PyWavelets wavelet.")
+  wavelet_mode: str = settings.setting(
+      "periodization", "Boundary mode (periodization is the orthonormal one).",
+      choices=("periodization", "symmetric", "reflect", "zero"))
+  cond_rf: int = settings.setting(9, "Receptive field of the conditional nets.")
+  low_rf: int = settings.setting(41, "Receptive field of the low-pass net.")
+  flat_rf: int = settings.setting(43, "Receptive field of a flat net (levels=0).")
+  num_layers: int = settings.setting(21, "Layers of the conditional / flat nets.")
+  low_num_layers: int = settings.setting(20, "Layers of the low-pass net.")
+  features: int = settings.setting(64, "Channels of the hidden layers.")
+
+  def __post_init__(self):
+    for name, low in (("levels", 0), ("num_layers", 2), ("low_num_layers", 2), ("features", 1)):
+      if getattr(self, name) < low:
+        raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
+  def spec(self, channels: int, image_size: Sequence[int]) -> ModelSpec:
+    """The ``ModelSpec`` of this shape for ``channels``-channel images of ``image_size``."""
+    if self.levels == 0:
+      return ModelSpec(low=flat_spec(self.flat_rf, channels, self.num_layers, self.features),
+                       image_size=tuple(image_size))
+    return multiscale_spec(self.levels, self.cond_rf, self.low_rf, channels, image_size,
+                           self.wavelet, self.num_layers, self.low_num_layers, self.features,
+                           self.wavelet_mode)
 
 
 # --- pure building blocks ---------------------------------------------------------------------

@@ -24,14 +24,15 @@ class Setting:
   none_word: str | None = None  # for an optional number: the word that means None
   resumable: bool = False   # a resumed training run may change it (how long, how computed)
   flag: str | None = None   # the command-line name, when it is not the field's
+  scale: float = 1.0        # the flag's value is the field's times scale (255: a std in /255)
 
 
 def setting(default: Any, help: str, *, choices: Sequence | None = None,  # pylint: disable=redefined-builtin
             none_word: str | None = None, resumable: bool = False,
-            flag: str | None = None) -> Any:
+            flag: str | None = None, scale: float = 1.0) -> Any:
   """A dataclass field with its help text and constraints (see ``Setting``)."""
   meta = {"help": help, "choices": tuple(choices) if choices is not None else None,
-          "none_word": none_word, "resumable": resumable, "flag": flag}
+          "none_word": none_word, "resumable": resumable, "flag": flag, "scale": scale}
   return dataclasses.field(default=default, metadata=meta)
 
 
@@ -44,7 +45,8 @@ def fields(cls: type) -> list[Setting]:
       continue
     out.append(Setting(f.name, hints[f.name], f.default, f.metadata["help"],
                        f.metadata.get("choices"), f.metadata.get("none_word"),
-                       bool(f.metadata.get("resumable")), f.metadata.get("flag")))
+                       bool(f.metadata.get("resumable")), f.metadata.get("flag"),
+                       f.metadata.get("scale", 1.0)))
   return out
 
 
