@@ -64,15 +64,86 @@ RELEASE_COND = AscentConfig(h0=0.01, beta=0.5, sigma_L=0.01, ascending=True, max
 RELEASE_COND_FINEST = dataclasses.replace(RELEASE_COND, sigma_L=0.015)
 
 
+@dataclasses.dataclass(frozen=True)
+class FlowConfig:
+  """Settings of one scale's probability-flow sampler: a blind denoiser's ODE on a noise schedule.
+
+  For a denoiser D with residual f(y) = y - D(y) ~ sigma^2 grad log p_sigma(y) (Miyasawa), the
+  probability-flow ODE of Karras et al. (2022, "EDM") is dy/dsigma = f(y) / sigma. It runs from
+  y ~ N(mean_0, sigma_max^2) down the schedule sigma_i = (sigma_max^(1/rho) + i / (num_steps - 1)
+  (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, with Euler or Heun (2nd order) steps, and ends
+  with one denoising step D(y) at sigma_min. A blind net takes no noise level: the schedule's
+  sigma stands in for it in the update, and the net's own estimate ||f(y)|| / sqrt(N) is
+  recorded (``AscentInfo.sigmas``) and guards against divergence (``abort_ratio``).
+
+  churn >= 0: EDM's stochastic variant; before each step the noise is raised from sigma to
+  sigma (1 + churn) with fresh Gaussian noise (0: the deterministic ODE).
+  Cost: Heun 2 (num_steps - 1) + 1 denoiser evaluations, Euler num_steps (x 2 with
+  flip_average). Every sample takes the same steps: there is no stop rule.
+  """
+  method: str = setting("heun", "ODE solver: heun (2nd order) or euler.", choices=("heun", "euler"))
+  num_steps: int = setting(18, "Noise levels of the schedule (Heun: 2 num_steps - 1 denoiser "
+                           "evaluations, Euler: num_steps).")
+  sigma_max: float = setting(1.0, "Std of the initial state (the schedule's start).")
+  sigma_min: float = setting(0.01, "The schedule's last noise level, removed by a final "
+                             "denoising step.")
+  rho: float = setting(7.0, "Schedule exponent (large: more steps at small noise levels).")
+  churn: float = setting(0.0, "Noise re-injected per step, relative to sigma (0: deterministic).")
+  mean_0: float = setting(0.0, "Mean of the initial state.")
+  abort_ratio: float = setting(2.0, "Stop and flag a sample whose noise estimate exceeds this "
+                               "multiple of the schedule's sigma (it diverges).")
+  flip_average: bool = setting(False, "Average each step's residual with the mirrored "
+                               "state's (Haar for the conditional scales).")
+
+  def __post_init__(self):
+    if self.method not in ("heun", "euler"):
+      raise ValueError(f"method must be 'heun' or 'euler', got {self.method!r}")
+    validation.positive_int(self.num_steps, "num_steps")
+    if self.num_steps < 2:
+      raise ValueError(f"num_steps must be >= 2 (sigma_max and sigma_min), got {self.num_steps}")
+    if not 0 < self.sigma_min < self.sigma_max < np.inf:
+      raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
+                       f"sigma_max={self.sigma_max}")
+    for name in ("rho", "abort_ratio"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+    if not (np.isfinite(self.churn) and self.churn >= 0):
+      raise ValueError(f"churn must be >= 0, got {self.churn}")
+    if not np.isfinite(self.mean_0):
+      raise ValueError(f"mean_0 must be a finite number, got {self.mean_0}")
+    if not isinstance(self.flip_average, bool):
+      raise TypeError(f"flip_average must be True or False, got {self.flip_average!r}")
+
+  @property
+  def max_steps(self) -> int:
+    """Updates taken (num_steps - 1); ``AscentInfo.steps`` counts the same."""
+    return self.num_steps - 1
+
+  def schedule(self) -> np.ndarray:
+    """(num_steps,) float32: the noise levels, sigma_max first, sigma_min last."""
+    i = np.arange(self.num_steps) / (self.num_steps - 1)
+    a, b = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
+    return ((a + i * (b - a)) ** self.rho).astype(np.float32)
+
+  def evals(self, steps):
+    """Denoiser evaluations of a sample that took ``steps`` updates, the final one included."""
+    return (steps * (2 if self.method == "heun" else 1) + 1) * (2 if self.flip_average else 1)
+
+
+Sampler = AscentConfig | FlowConfig  # one scale's settings
+
+
 @struct.dataclass
 class AscentInfo:
   """Per-sample diagnostics. steps: (B,) steps taken; sigmas: (B, max_steps) sigma_t (NaN
   after the sample stopped); aborted: (B,) sigma_t exceeded abort_sigma; converged: (B,)
-  met the stop rule within max_steps."""
+  met the stop rule within max_steps; evals: (B,) denoiser evaluations (network calls, the
+  final denoising included: the cost)."""
   steps: jax.Array
   sigmas: jax.Array
   aborted: jax.Array
   converged: jax.Array
+  evals: jax.Array
 
 
 def step_size(t: jax.Array, cfg: AscentConfig) -> jax.Array:
@@ -101,7 +172,7 @@ def mirrored_residual(fn: Callable, signs: jax.Array | None = None,
   return lambda y: 0.5 * (call(cond, y) + _mirror(call(mirrored_cond, _mirror(y) * s)) * s)
 
 
-def _cond_residual(net: models.NetSpec, variables, cond: jax.Array, cfg: AscentConfig,
+def _cond_residual(net: models.NetSpec, variables, cond: jax.Array, cfg: Sampler,
                    signs, conv_impl: str) -> Callable[[jax.Array], jax.Array]:
   """y (details) -> the conditional net's residual given ``cond`` (flip-averaged per cfg)."""
   f = lambda c, y: models.apply_net(net, variables, jnp.concatenate([c, y], -1),
@@ -113,71 +184,134 @@ def _per_sample_normal(keys: jax.Array, t, shape) -> jax.Array:
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape, jnp.float32))(keys)
 
 
-def ascent(keys: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], shape: Sequence[int],
-           cfg: AscentConfig, y0: jax.Array | None = None) -> tuple[jax.Array, AscentInfo]:
-  """Stochastic gradient ascent on log p for a batch; jittable.
+def iterate(step: Callable, y0: jax.Array, max_steps: int, abort_sigma: float,
+            active: jax.Array | None = None, aborted: jax.Array | None = None
+            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The loop of every sampler and solver: a ``lax.scan`` over t = 1 .. max_steps in which
+  each sample of the batch moves until its own stop rule holds, then freezes.
 
-  keys: (B,) one key per sample. residual_fn: y (B, *shape) -> f(y), the denoiser's noise
-  estimate (conditioning already bound in). shape: one sample's shape. y0: optional initial
-  state (B, *shape); default mean_0 + sigma_0 * N(0, I) from each sample's key.
-  Returns (y - f(y) at each sample's final state, AscentInfo).
+  step: (y (B, ...), t) -> (y_new, sigma (B,), stop (B,), bad (B,)): one update of the whole
+  batch, its noise level, whether each sample stops after it and whether it diverges. A sample
+  that is bad, whose sigma exceeds ``abort_sigma`` or is not finite keeps its state and is
+  flagged aborted. Once every sample
+  has stopped, the scan body skips ``step`` (no network call). active, aborted: (B,) initial
+  flags (default all active, none aborted).
+  Returns (y, active, steps, aborted, sigmas (B, max_steps), NaN after a sample stopped).
   """
-  b = keys.shape[0]
-  shape = tuple(shape)
-  n = float(np.prod(shape))
-  axes = tuple(range(1, 1 + len(shape)))
-  if y0 is None:
-    y0 = cfg.mean_0 + cfg.sigma_0 * _per_sample_normal(keys, 0, shape)
-  elif y0.shape != (b,) + shape:
-    raise ValueError(f"y0 must have shape {(b,) + shape}, got {y0.shape}")
-  snr_stop = 20.0 * np.log10(1.0 / cfg.sigma_L)
-  bshape = (b,) + (1,) * len(shape)
+  b = y0.shape[0]
+  bshape = (b,) + (1,) * (y0.ndim - 1)
+  active = jnp.ones((b,), bool) if active is None else active
+  aborted = jnp.zeros((b,), bool) if aborted is None else aborted
 
   def active_step(carry, t):
     y, active, steps, aborted = carry
-    d = residual_fn(y)
-    sigma = jnp.sqrt(jnp.sum(jnp.square(d), axes)) / float(np.sqrt(n))  # (B,)
-    h = step_size(t, cfg)
-    gamma = noise_amplitude(sigma, h, cfg.beta)
-    z = _per_sample_normal(keys, t, shape)
-    y_new = y - h * d + gamma.reshape(bshape) * z
-    std = jnp.std(y_new, axis=axes, ddof=1)
-    stop = 20.0 * jnp.log10(std / sigma) >= snr_stop
-    abort = (sigma > cfg.abort_sigma) | ~jnp.isfinite(sigma)  # diverged, or NaN / inf weights
+    y_new, sigma, stop, bad = step(y, t)
+    abort = bad | (sigma > abort_sigma) | ~jnp.isfinite(sigma)  # diverged, NaN / inf weights
     move = active & ~abort
     y = jnp.where(move.reshape(bshape), y_new, y)
     steps = jnp.where(move, t, steps)
     aborted = aborted | (active & abort)
-    new_active = move & ~stop
-    return (y, new_active, steps, aborted), jnp.where(active, sigma, jnp.nan)
+    return (y, move & ~stop, steps, aborted), jnp.where(active, sigma, jnp.nan)
 
   def body(carry, t):
-    active = carry[1]
-    return jax.lax.cond(jnp.any(active), active_step,
+    return jax.lax.cond(jnp.any(carry[1]), active_step,
                         lambda c, t: (c, jnp.full((b,), jnp.nan, jnp.float32)), carry, t)
 
-  init = (y0.astype(jnp.float32), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32),
-          jnp.zeros((b,), bool))
+  init = (y0.astype(jnp.float32), active & ~aborted, jnp.zeros((b,), jnp.int32), aborted)
   (y, active, steps, aborted), sigmas = jax.lax.scan(
-      body, init, jnp.arange(1, cfg.max_steps + 1, dtype=jnp.int32))
-  info = AscentInfo(steps=steps, sigmas=sigmas.T, aborted=aborted, converged=~active & ~aborted)
+      body, init, jnp.arange(1, max_steps + 1, dtype=jnp.int32))
+  return y, active, steps, aborted, sigmas.T
+
+
+def rms(v: jax.Array) -> jax.Array:
+  """(B, ...) -> (B,): ||v|| / sqrt(N) per sample (a residual's noise level)."""
+  return jnp.sqrt(jnp.sum(jnp.square(v), tuple(range(1, v.ndim)))) / float(np.sqrt(
+      np.prod(v.shape[1:])))
+
+
+def ascent(keys: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], shape: Sequence[int],
+           cfg: Sampler, y0: jax.Array | None = None) -> tuple[jax.Array, AscentInfo]:
+  """One scale's sampler for a batch; jittable: the stochastic ascent (``AscentConfig``) or the
+  probability flow (``FlowConfig``).
+
+  keys: (B,) one key per sample. residual_fn: y (B, *shape) -> f(y), the denoiser's noise
+  estimate (conditioning already bound in). shape: one sample's shape. y0: optional initial
+  state (B, *shape); default mean_0 + sigma_0 (sigma_max) * N(0, I) from each sample's key.
+  Returns (y - f(y) at each sample's final state, AscentInfo).
+  """
+  b = keys.shape[0]
+  shape = tuple(shape)
+  if y0 is None:
+    std = cfg.sigma_max if isinstance(cfg, FlowConfig) else cfg.sigma_0
+    y0 = cfg.mean_0 + std * _per_sample_normal(keys, 0, shape)
+  elif y0.shape != (b,) + shape:
+    raise ValueError(f"y0 must have shape {(b,) + shape}, got {y0.shape}")
+  step = (_flow_step if isinstance(cfg, FlowConfig) else _ascent_step)(keys, residual_fn, cfg)
+  abort_sigma = np.inf if isinstance(cfg, FlowConfig) else cfg.abort_sigma
+  y, active, steps, aborted, sigmas = iterate(step, y0, cfg.max_steps, abort_sigma)
+  if isinstance(cfg, FlowConfig):
+    evals = cfg.evals(steps)
+  else:
+    evals = (steps + 1) * (2 if cfg.flip_average else 1)
+  info = AscentInfo(steps=steps, sigmas=sigmas, aborted=aborted, converged=~active & ~aborted,
+                    evals=evals)
   return y - residual_fn(y), info
 
 
-def _check_config(cfg, name: str) -> AscentConfig:
-  if not isinstance(cfg, AscentConfig):
-    raise TypeError(f"{name} must be a wcdm_jax.AscentConfig, got {type(cfg).__name__}")
+def _ascent_step(keys, residual_fn, cfg: AscentConfig):
+  """y <- y - h_t f(y) + gamma_t z (method.md §5); stop once std(y) / sigma_t >= 1 / sigma_L."""
+  snr_stop = 20.0 * np.log10(1.0 / cfg.sigma_L)
+
+  def step(y, t):
+    d = residual_fn(y)
+    sigma = rms(d)  # (B,)
+    h = step_size(t, cfg)
+    gamma = noise_amplitude(sigma, h, cfg.beta)
+    y_new = y - h * d + _bcast(gamma, y) * _per_sample_normal(keys, t, y.shape[1:])
+    std = jnp.std(y_new, axis=tuple(range(1, y.ndim)), ddof=1)
+    return y_new, sigma, 20.0 * jnp.log10(std / sigma) >= snr_stop, jnp.zeros_like(sigma, bool)
+  return step
+
+
+def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:  # (B,) -> (B, 1, ..., 1)
+  return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _flow_step(keys, residual_fn, cfg: FlowConfig):
+  """Euler / Heun step of dy/dsigma = f(y) / sigma from the schedule's sigma_{t-1} to sigma_t
+  (after EDM's churn when cfg.churn > 0); stops after the last interval."""
+  sched = jnp.asarray(cfg.schedule())
+
+  def step(y, t):
+    s, s_next = sched[t - 1], sched[t]
+    if cfg.churn:
+      s_hat = s * (1.0 + cfg.churn)
+      y = y + jnp.sqrt(s_hat ** 2 - s ** 2) * _per_sample_normal(keys, t, y.shape[1:])
+      s = s_hat
+    f = residual_fn(y)
+    y_new = y + (s_next - s) * f / s
+    if cfg.method == "heun":
+      y_new = y + (s_next - s) * 0.5 * (f / s + residual_fn(y_new) / s_next)
+    sigma = rms(f)
+    return y_new, sigma, jnp.full(sigma.shape, t >= cfg.max_steps), sigma > cfg.abort_ratio * s
+  return step
+
+
+def _check_config(cfg, name: str) -> Sampler:
+  if not isinstance(cfg, (AscentConfig, FlowConfig)):
+    raise TypeError(f"{name} must be a wcdm_jax.AscentConfig or FlowConfig, got "
+                    f"{type(cfg).__name__}")
   return cfg
 
 
-def _cond_configs(spec: models.ModelSpec, cond: AscentConfig | Sequence[AscentConfig] | None
-                  ) -> tuple[AscentConfig, ...]:
+def _cond_configs(spec: models.ModelSpec, cond: Sampler | Sequence[Sampler] | None
+                  ) -> tuple[Sampler, ...]:
   if cond is None:
     return tuple(RELEASE_COND_FINEST if j == 0 else RELEASE_COND for j in range(spec.levels))
-  if isinstance(cond, AscentConfig):
+  if isinstance(cond, (AscentConfig, FlowConfig)):
     cond = (cond,) * spec.levels
   elif not isinstance(cond, Sequence):
-    raise TypeError(f"cond_config must be an AscentConfig or one per level, got "
+    raise TypeError(f"cond_config must be an AscentConfig / FlowConfig or one per level, got "
                     f"{type(cond).__name__}")
   cond = tuple(_check_config(c, f"cond_config[{j}]") for j, c in enumerate(cond))
   if len(cond) != spec.levels:
@@ -230,17 +364,19 @@ def _global_ascent(keys, params: models.ModelParams, shape, cfg, conv_impl="auto
 
 
 def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None = None, *,
-           image_size: Sequence[int] | None = None, low_config: AscentConfig = RELEASE_LOW,
-           cond_config: AscentConfig | Sequence[AscentConfig] | None = None,
+           image_size: Sequence[int] | None = None, low_config: Sampler = RELEASE_LOW,
+           cond_config: Sampler | Sequence[Sampler] | None = None,
            low_rescale: tuple[float, float] | None = None, return_intermediates: bool = False,
            conv_impl: str = "auto", mesh: Mesh | None = None):
   """Unconditional samples (N, H, W, C), coarse to fine.
 
   key: one key (then ``num_samples``, default 1) or a (N,) batch of keys; sample i depends
   only on its own key. image_size: (H, W), default the model's training size. low_config:
-  ascent of the low-pass net (flat models: of the flat net); default the release's (beta
-  0.01, fixed h 0.01, sigma_L 0.1). cond_config: one config or one per level (finest
-  first); default h0 0.01 ascending, beta 0.5, sigma_L 0.01 (0.015 at the finest level).
+  sampler of the low-pass net (flat models: of the flat net), an ``AscentConfig`` (the
+  stochastic ascent) or a ``FlowConfig`` (the probability flow, 10-100x fewer network
+  calls); default the release's ascent (beta 0.01, fixed h 0.01, sigma_L 0.1). cond_config:
+  one config or one per level (finest first); default the release's ascents, h0 0.01
+  ascending, beta 0.5, sigma_L 0.01 (0.015 at the finest level).
   low_rescale: e.g. (0, 0.8), the release's per-image min-max rescale of the sampled
   low-pass before the details are synthesised (it compensates the low-pass net's intensity
   augmentation); None keeps the sampled low-pass as is.
@@ -272,7 +408,7 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
 
 
 def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array, *,
-                  cond_config: AscentConfig | Sequence[AscentConfig] | None = None,
+                  cond_config: Sampler | Sequence[Sampler] | None = None,
                   return_intermediates: bool = False, conv_impl: str = "auto",
                   mesh: Mesh | None = None):
   """Synthesise the details of J levels given low-pass images: (B, h, w, C) -> (B, 2^J h,

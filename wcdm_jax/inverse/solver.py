@@ -45,7 +45,12 @@ class SolverConfig:
   project: end with the exact projection onto the measurements.
   method: 'auto' (coarse-to-fine for BlockAverage(2^J) on a J-level Haar model, else the
   plug-in ascent), 'plugin' or 'coarse_to_fine'.
-  cond_config: the conditional ascents of the coarse-to-fine solver (None: the release's).
+  cond_config: the conditional samplers of the coarse-to-fine solver (None: ``flow`` if given,
+  else the release's ascents).
+  flow: a ``sampling.FlowConfig``: the constrained probability flow instead of the ascent
+  (dy/dsigma = d(y) / sigma on its noise schedule, d the constrained residual below; its last
+  step y - d(y) is the denoised image with the measured part replaced by the measurements);
+  h0, beta, sigma_0, sigma_L, ascending and max_steps then do not apply.
 
   beta=None picks by operator (``default_beta``), measured in docs/inverse_problems.md: 0.1
   for a hole (the original's 0.01 fills a 40x40 hole in a face far too bright and ends no
@@ -67,9 +72,13 @@ class SolverConfig:
   method: str = setting("auto", "auto (coarse-to-fine where the model and operator allow it), "
                         "plugin or coarse_to_fine.", choices=("auto", "plugin", "coarse_to_fine"))
   cond_config: Any = None
+  flow: Any = None
 
   def __post_init__(self):
     validation.ascent_settings(self)  # beta None: chosen by operator
+    if self.flow is not None and not isinstance(self.flow, sampling.FlowConfig):
+      raise TypeError(f"flow must be a wcdm_jax.sampling.FlowConfig or None, got "
+                      f"{type(self.flow).__name__}")
     if self.method not in ("auto", "plugin", "coarse_to_fine"):
       raise ValueError(f"method must be 'auto', 'plugin' or 'coarse_to_fine', got "
                        f"{self.method!r}")
@@ -101,43 +110,26 @@ def constrained_ascent(keys: jax.Array, residual_fn, op: ops.Operator, measureme
   Returns (y - f(y) at each sample's final state, sampling.AscentInfo).
   """
   cfg = resolve(cfg, op)
-  b = y0.shape[0]
-  n = float(np.prod(y0.shape[1:]))
-  axes = tuple(range(1, y0.ndim))
-  bshape = (b,) + (1,) * (y0.ndim - 1)
   m_xc = op.adjoint(measurements)  # M x_c
   acfg = _ascent_config(cfg)
-  norm = lambda v: jnp.sqrt(jnp.sum(jnp.square(v), axes)) / float(np.sqrt(n))  # (B,)
 
-  def active_step(carry, t):
-    y, active, sigma_prev, steps, aborted = carry
+  def step(y, t):
     f = residual_fn(y)
     d = f - op.project(f) + op.project(y) - m_xc
-    sigma = norm(d)
+    sigma = sampling.rms(d)
     h = sampling.step_size(t, acfg)
     gamma = sampling.noise_amplitude(sigma, h, cfg.beta)
     z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), y.shape[1:], y.dtype))(keys)
-    y_new = y - h * d + gamma.reshape(bshape) * z
-    abort = (sigma > cfg.abort_sigma) | ~jnp.isfinite(sigma)
-    move = active & ~abort
-    y = jnp.where(move.reshape(bshape), y_new, y)
-    steps = jnp.where(move, t, steps)
-    sigma_prev = jnp.where(move, sigma, sigma_prev)
-    aborted = aborted | (active & abort)
-    return (y, move & (sigma > cfg.sigma_L), sigma_prev, steps, aborted), jnp.where(
-        active, sigma, jnp.nan)
+    y_new = y - h * d + gamma.reshape((-1,) + (1,) * (y.ndim - 1)) * z
+    return y_new, sigma, sigma <= cfg.sigma_L, jnp.zeros_like(sigma, bool)
 
-  def body(carry, t):
-    return jax.lax.cond(jnp.any(carry[1]), active_step,
-                        lambda c, t: (c, jnp.full((b,), jnp.nan, jnp.float32)), carry, t)
-
-  sigma0 = norm(residual_fn(y0))  # the original's first check uses ||f(y_0)||
-  init = (y0, sigma0 > cfg.sigma_L, sigma0, jnp.zeros((b,), jnp.int32), ~jnp.isfinite(sigma0))
-  init = (init[0], init[1] & ~init[4]) + init[2:]
-  (y, active, _, steps, aborted), sigmas = jax.lax.scan(
-      body, init, jnp.arange(1, cfg.max_steps + 1, dtype=jnp.int32))
-  info = sampling.AscentInfo(steps=steps, sigmas=sigmas.T, aborted=aborted,
-                             converged=~active & ~aborted)
+  sigma0 = sampling.rms(residual_fn(y0))
+  # (the original's first check uses ||f(y_0)||)
+  y, active, steps, aborted, sigmas = sampling.iterate(
+      step, y0, cfg.max_steps, cfg.abort_sigma, active=sigma0 > cfg.sigma_L,
+      aborted=~jnp.isfinite(sigma0))
+  info = sampling.AscentInfo(steps=steps, sigmas=sigmas, aborted=aborted,
+                             converged=~active & ~aborted, evals=steps + 2)
   return y - residual_fn(y), info
 
 
@@ -166,8 +158,17 @@ def _plugin(keys, params, op, measurements, cfg, conv_impl, mesh=None):
 
 def _plugin_local(keys, params, op, measurements, cfg, conv_impl):
   shape = op.image_shape()
-  y0 = initial_state(keys, op, measurements, shape, cfg.sigma_0)
-  x, info = constrained_ascent(keys, residual(params, conv_impl), op, measurements, y0, cfg)
+  if cfg.flow is None:
+    y0 = initial_state(keys, op, measurements, shape, cfg.sigma_0)
+    x, info = constrained_ascent(keys, residual(params, conv_impl), op, measurements, y0, cfg)
+  else:
+    y0 = initial_state(keys, op, measurements, shape, cfg.flow.sigma_max)
+    f, m_xc = residual(params, conv_impl), op.adjoint(measurements)
+
+    def constrained(y):  # (I - M M^T) f(y) + M (M^T y - x_c)
+      r = f(y)
+      return r - op.project(r) + op.project(y) - m_xc
+    x, info = sampling.ascent(keys, constrained, shape, cfg.flow, y0)
   if cfg.project:
     x = x - op.project(x) + op.adjoint(measurements)
   return x, info
@@ -251,7 +252,7 @@ def solve(key: jax.Array, params: models.ModelParams, op: ops.Operator, measurem
     measurements = measurements.astype(jnp.float32)
   if uses_coarse_to_fine(params, op, cfg):
     low = measurements / op.factor  # block means = the J-level Haar low-pass
-    out = sampling.super_resolve(keys, params, low, cond_config=cfg.cond_config,
+    out = sampling.super_resolve(keys, params, low, cond_config=cfg.cond_config or cfg.flow,
                                  return_intermediates=return_info, conv_impl=conv_impl,
                                  mesh=mesh)
     return (out[0], out[2]) if return_info else out
