@@ -49,7 +49,7 @@ def samplers():
          "ascending": (dataclasses.replace(sampling.RELEASE_LOW, ascending=True, beta=0.1,
                                            sigma_L=0.05, max_steps=3000),
                        None, "ascending ascent")}
-  for n in (6, 11, 18, 40):
+  for n in (6, 11, 18, 40, 64):
     flow = sampling.FlowConfig(num_steps=n, mean_0=0.5)
     out[f"heun{n}"] = (flow, flow, "flow (Heun)")
   for n in (20, 50):
@@ -89,6 +89,7 @@ def main(argv=None):
   p.add_argument("--patches", type=int, default=16384, help="SWD descriptors per level")
   p.add_argument("--directions", type=int, default=512)
   p.add_argument("--bootstrap", type=int, default=50)
+  p.add_argument("--chunk", type=int, default=4, help="samples per cached batch")
   args = p.parse_args(argv)
   if not os.path.isdir(bench.RELEASE) or not os.path.isdir(DATA):
     sys.exit(f"error: needs the released models ({bench.RELEASE}) and CelebA ({DATA})")
@@ -107,16 +108,17 @@ def main(argv=None):
   params = pretrained.load_release_model(pretrained.find_release_models(bench.RELEASE)[MODEL])
   levels = params.spec.levels
   n = args.num_samples
-  images = common.load_images(f"folder:{DATA}", 160, 1, "celeba", n + args.reference_images,
-                              "eval", 0.1)
-  real, ref = images[:n], images[n:]
-  real_low = np.asarray(wcdm_jax.decompose(real, levels).low)
-  ref_low = np.asarray(wcdm_jax.decompose(ref, levels).low)
-  print(f"model {MODEL}; {len(real)} real and {len(ref)} reference images "
+  images = common.load_images(f"folder:{DATA}", 160, 1, "celeba",
+                              2 * n + args.reference_images, "eval", 0.1)
+  real, real2, ref = images[:n], images[n:2 * n], images[2 * n:]
+  real_low, real2_low, ref_low = (np.asarray(wcdm_jax.decompose(x, levels).low)
+                                  for x in (real, real2, ref))
+  print(f"model {MODEL}; 2 x {len(real)} real and {len(ref)} reference images "
         f"(eval split of {os.path.normpath(DATA)}); CPU: {native_build.cpu_name()} ({native_build.cpu_isas()[0]})")
   swd = lambda x, r: quality.swd(x, r, seed=args.seed, patches=args.patches,
                                  directions=args.directions, bootstrap=args.bootstrap)
-  keys = jax.random.split(jax.random.key(args.seed), n)
+  # Sample i's key depends on i only: a larger --num_samples extends a set, chunks are reusable.
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(args.seed), i))(jax.numpy.arange(n))
   cache = os.path.join(args.out, "cache")
   results = {"model": MODEL, "num_samples": n, "reference_images": len(ref), "rows": []}
 
@@ -131,17 +133,40 @@ def main(argv=None):
     print(f"{part:5s} {name:24s} {ev:>8s} {sec:>8s}  SWD x1e3 {d.mean * 1e3:7.2f} {ci}  "
           f"per level " + " ".join(f"{v * 1e3:.2f}" for v in d.per_level), flush=True)
 
-  def low_samples(name):
-    cfg = table[name][0]
+  def chunked(kind, name, cfgs, make):
+    """make(keys, start) -> dict of arrays for samples start.. of one chunk; the chunks cached
+    (resumable: an interrupted run keeps its finished chunks) and concatenated."""
+    parts_ = []
+    for start in range(0, n, args.chunk):
+      stop = min(n, start + args.chunk)
+      path = os.path.join(cache, f"{kind}_{name}_{_key(MODEL, cfgs, args.seed)}_{start}-{stop}.npz")
 
-    def make():
-      t0 = time.time()
+      def run(start=start, stop=stop):
+        t0 = time.time()
+        out = make(keys[start:stop], start)
+        jax.block_until_ready(out)
+        out = {k: np.asarray(v) for k, v in out.items()}
+        out.update(seconds=np.float64(time.time() - t0), config=np.array(repr(cfgs)),
+                   command=np.array(" ".join(sys.argv)), keys=np.array(
+                       f"jax.random.fold_in(jax.random.key({args.seed}), i), i in "
+                       f"[{start}, {stop})"))
+        print(f"  {kind} {name}: samples {start}-{stop - 1} in {out['seconds']:.0f} s",
+              flush=True)
+        return out
+      parts_.append(_cached(path, run))
+    out = {k: np.concatenate([c[k] for c in parts_]) for k in parts_[0]
+           if k not in ("seconds", "config", "command", "keys")}
+    out["seconds"] = float(sum(float(c["seconds"]) for c in parts_))
+    return out
+
+  def low_samples(name, cfg=None):
+    cfg = cfg or table[name][0]
+
+    def make(k, start):
       low, info = sampling._global_ascent(  # pylint: disable=protected-access
-          keys, params, tuple(real_low.shape[1:]), cfg)
-      low = np.asarray(low)
-      return {"low": low, "evals": np.asarray(info.evals), "steps": np.asarray(info.steps),
-              "seconds": np.float64(time.time() - t0)}
-    return _cached(os.path.join(cache, f"low_{name}_{_key(MODEL, cfg, n, args.seed)}.npz"), make)
+          k, params, tuple(real_low.shape[1:]), cfg)
+      return {"low": low, "evals": info.evals, "steps": info.steps}
+    return chunked("low", name, cfg, make)
 
   def rescaled(name, low):  # the release's per-image min-max rescale of a low-pass from 0
     cfg = table[name][0]
@@ -149,46 +174,71 @@ def main(argv=None):
 
   print(f"{'part':5s} {'sampler':24s} {'evals':>8s} {'seconds':>8s}  (evals: network calls per "
         "sample; seconds: the whole set)")
+  diff = lambda x, base, r: quality.swd_difference(
+      x, base, r, seed=args.seed, patches=args.patches, directions=args.directions,
+      bootstrap=args.bootstrap)
+
+  def compare(part, sets, reference, real_a, real_b):
+    """Each sampler's paired SWD difference to the release's; the tolerance is the upper end
+    of the same difference between two disjoint real sets of the same size."""
+    _, (_, tol) = diff(real_b, real_a, reference)
+    print(f"{part}: tolerance (two real sets of {n}: upper 95% end of their paired SWD "
+          f"difference) {tol * 1e3:.2f} x1e-3")
+    results.setdefault("tolerance", {})[part] = tol
+    if "release" not in sets:
+      return
+    for name, x in sets.items():
+      if name == "release":
+        continue
+      d, (lo, hi) = diff(x, sets["release"], reference)
+      meets = d <= tol
+      r = next(r for r in results["rows"] if r["part"] == part and r["sampler"] == name)
+      r.update(delta_vs_release=d, delta_ci=(lo, hi), meets=bool(meets))
+      print(f"{part:5s} {name:24s} SWD - release's x1e3 {d * 1e3:+7.2f} [{lo * 1e3:+.2f}, "
+            f"{hi * 1e3:+.2f}]: {'meets' if meets else 'misses'} the tolerance"
+            + ("" if meets else f" by {(d - tol) * 1e3:.2f}"), flush=True)
+
   if "low" in parts:
     row("low", "real (floor)", swd(real_low, ref_low))
+    sets = {}
     for name in chosen:
       s = low_samples(name)
-      row("low", name, swd(rescaled(name, s["low"]), ref_low), float(np.mean(s["evals"])),
+      sets[name] = rescaled(name, s["low"])
+      row("low", name, swd(sets[name], ref_low), float(np.mean(s["evals"])),
           float(s["seconds"]), steps_max=int(np.max(s["steps"])))
       if name == "release":  # the metric's validation: degraded release samples score worse
-        rel = rescaled(name, s["low"])
+        rel = sets[name]
         tenth = dataclasses.replace(table[name][0],
                                     max_steps=max(1, int(np.median(s["steps"])) // 10))
-        t = _cached(os.path.join(cache, f"low_tenth_{_key(MODEL, tenth, n, args.seed)}.npz"),
-                    lambda: {"low": np.asarray(sampling._global_ascent(  # pylint: disable=protected-access
-                        keys, params, tuple(real_low.shape[1:]), tenth)[0])})
+        t = low_samples("release_tenth", tenth)
         row("low", "release, 1/10 steps", swd(rescaled(name, t["low"]), ref_low),
-            float(np.mean(s["evals"])) / 10)
+            float(np.mean(t["evals"])))
         row("low", "release, blurred 1 px", swd(np.asarray(evaluation.gaussian_blur(
             rel, 1.0)), ref_low))
         noise = np.random.default_rng(args.seed).standard_normal(rel.shape).astype(np.float32)
         row("low", "release, noise 0.02", swd(rel + 0.02 * noise, ref_low))
+    compare("low", sets, ref_low, real_low, real2_low)
   if "full" in parts:
     row("full", "real (floor)", swd(real, ref))
+    sets = {}
     for name in chosen:
       low_cfg, cond_cfg, _ = table[name]
-
-      def make(name=name, cond_cfg=cond_cfg):
-        s = low_samples(name)
-        t0 = time.time()
-        conds = sampling._cond_configs(params.spec, cond_cfg)  # pylint: disable=protected-access
-        outs, infos = sampling._refine(  # pylint: disable=protected-access
-            keys, params, jax.numpy.asarray(rescaled(name, s["low"])), conds)
-        return {"x": np.asarray(outs[-1]), "evals": sum(np.asarray(i.evals) for i in infos),
-                "seconds": np.float64(time.time() - t0)}
-      f = _cached(os.path.join(cache, f"full_{name}_{_key(MODEL, low_cfg, cond_cfg, n, args.seed)}"
-                                      ".npz"), make)
       low = low_samples(name)
+
+      def make(k, start, name=name, cond_cfg=cond_cfg, low=low):
+        conds = sampling._cond_configs(params.spec, cond_cfg)  # pylint: disable=protected-access
+        first = rescaled(name, low["low"][start:start + len(k)])
+        outs, infos = sampling._refine(  # pylint: disable=protected-access
+            k, params, jax.numpy.asarray(first), conds)
+        return {"x": outs[-1], "evals": sum(i.evals for i in infos)}
+      f = chunked("full", name, (low_cfg, cond_cfg), make)
+      sets[name] = f["x"]
       row("full", name, swd(f["x"], ref), float(np.mean(f["evals"] + low["evals"])),
           float(f["seconds"] + low["seconds"]), cond_evals=float(np.mean(f["evals"])))
+    compare("full", sets, ref, real, real2)
   if "sr" in parts:
-    seen = set()
-    for name in chosen:
+    seen, base = set(), None
+    for name in ["release"] + [c for c in chosen if c != "release"]:
       cond_cfg = table[name][1]
       if repr(cond_cfg) in seen:
         continue
@@ -197,13 +247,24 @@ def main(argv=None):
       sr, _, infos = wcdm_jax.super_resolve(jax.random.key(args.seed + 1), params, real_low,
                                             cond_config=cond_cfg, return_intermediates=True)
       psnr = np.asarray(evaluation.psnr(sr, real))
+      dt = time.time() - t0
       ev = float(np.mean(sum(np.asarray(i.evals) for i in infos)))
       label = "release ascent" if cond_cfg is None else name
-      results["rows"].append({"part": "sr", "sampler": label, "psnr": float(psnr.mean()),
-                              "psnr_stderr": float(psnr.std(ddof=1) / np.sqrt(len(psnr))),
-                              "evals": ev, "seconds": time.time() - t0})
-      print(f"sr    {label:24s} {ev:8.0f} {time.time() - t0:8.0f}  PSNR {psnr.mean():.2f} dB "
-            f"(+- {psnr.std(ddof=1) / np.sqrt(len(psnr)):.2f})", flush=True)
+      r = {"part": "sr", "sampler": label, "psnr": float(psnr.mean()),
+           "psnr_stderr": float(psnr.std(ddof=1) / np.sqrt(len(psnr))), "evals": ev,
+           "seconds": dt}
+      line = f"sr    {label:24s} {ev:8.0f} {dt:8.0f}  PSNR {psnr.mean():.2f} dB"
+      if base is None:
+        base = psnr
+      else:
+        dp = psnr - base  # paired: the same images
+        se = float(dp.std(ddof=1) / np.sqrt(len(dp)))
+        r.update(delta_vs_release=float(dp.mean()), delta_stderr=se,
+                 meets=bool(dp.mean() >= -max(2 * se, 0.2)))
+        line += (f", minus the release's {dp.mean():+.2f} dB (paired s.e. {se:.2f}): "
+                 f"{'meets' if r['meets'] else 'misses'} the target")
+      results["rows"].append(r)
+      print(line, flush=True)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "sample_quality.json"), "w") as fh:
     json.dump(results, fh, indent=1)

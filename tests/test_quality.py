@@ -61,7 +61,8 @@ def test_swd_is_a_function_of_its_seed_with_an_interval(sets):
 
 
 @pytest.mark.parametrize("args,message", [
-    ((np.zeros((4, 16, 16, 1)), np.zeros((4, 32, 32, 1))), "same image shape"),
+    ((np.zeros((4, 16, 16, 1)), np.zeros((4, 32, 32, 1))), "one image shape"),
+    ((np.zeros((4, 16, 16, 1)), np.zeros((4, 16, 16, 3))), "one image shape"),
     ((np.zeros((1, 16, 16, 1)), np.zeros((4, 16, 16, 1))), "at least 2 images"),
     ((np.full((2, 16, 16, 1), np.nan), np.zeros((2, 16, 16, 1))), "NaN"),
     ((np.zeros((2, 6, 6, 1)), np.zeros((2, 6, 6, 1))), "smaller than the 7x7 patches"),
@@ -69,3 +70,16 @@ def test_swd_is_a_function_of_its_seed_with_an_interval(sets):
 def test_bad_sets_are_refused(args, message):
   with pytest.raises(ValueError, match=message):
     quality.swd(*args, bootstrap=0)
+
+
+def test_paired_difference_separates_a_degradation_from_noise(sets):
+  real, ref = sets
+  other = _images(24, 2)
+  kw = dict(seed=0, patches=2048, directions=64, bootstrap=20)
+  blurred = np.asarray(evaluation.gaussian_blur(jnp.asarray(other), 1.0))
+  d, (lo, hi) = quality.swd_difference(blurred, other, ref, **kw)
+  assert 0 < lo <= d <= hi
+  d, (lo, hi) = quality.swd_difference(real, other, ref, **kw)  # two real sets: no difference
+  assert lo < 0 < hi
+  with pytest.raises(ValueError, match="as many images"):
+    quality.swd_difference(real[:4], other, ref, **kw)

@@ -61,8 +61,8 @@ def _descriptors(level: np.ndarray, count: int, patch: int, rng: np.random.Gener
   """``count`` patches (count, patch * patch * C) at random positions, images taken in turn."""
   n, h, w, _ = level.shape
   if h < patch or w < patch:
-    raise ValueError(f"a {h}x{w} pyramid level is smaller than the {patch}x{patch} patches; "
-                     "lower min_size's effect by giving larger images or a smaller patch")
+    raise ValueError(f"a {h}x{w} pyramid level is smaller than the {patch}x{patch} patches: "
+                     f"give images of at least {patch}x{patch} or a smaller patch")
   idx = np.arange(count) % n
   ys = rng.integers(0, h - patch + 1, count)
   xs = rng.integers(0, w - patch + 1, count)
@@ -93,6 +93,53 @@ class SWD:
   confidence: float = 0.95
 
 
+def _check_sets(*sets: np.ndarray) -> list[np.ndarray]:
+  sets = [np.asarray(x, np.float32) for x in sets]
+  shapes = [x.shape for x in sets]
+  if any(x.ndim != 4 for x in sets) or len({sh[1:] for sh in shapes}) != 1:
+    raise ValueError(f"the image sets {shapes} must be (N, H, W, C) of one image shape (same "
+                     "size and channels)")
+  if min(len(x) for x in sets) < 2:
+    raise ValueError(f"each set needs at least 2 images, got {[len(x) for x in sets]}")
+  if not all(np.isfinite(x).all() for x in sets):
+    raise ValueError("the images hold NaN or inf")
+  return sets
+
+
+class _Pyramids:
+  """The sets' Laplacian pyramids and one set of directions per level, drawn from ``rng``."""
+
+  def __init__(self, sets, rng, patch, patches, directions, min_size):
+    self.pyr = [[np.asarray(l) for l in laplacian_pyramid(x, min_size)] for x in sets]
+    self.patch, self.patches = patch, patches
+    dim = patch * patch * sets[0].shape[3]
+    self.dirs = []
+    for _ in self.pyr[0]:
+      d = rng.standard_normal((dim, directions)).astype(np.float32)
+      self.dirs.append(jnp.asarray(d / np.linalg.norm(d, axis=0, keepdims=True)))
+
+  @property
+  def levels(self) -> tuple[tuple[int, int], ...]:
+    return tuple(tuple(l.shape[1:3]) for l in self.pyr[0])
+
+  def distances(self, orders, seed: int) -> np.ndarray:
+    """(sets - 1, levels): SWD of each set (its images ``orders[i]``) to the last set's."""
+    draw = np.random.default_rng(seed)
+    out = []
+    for k, d in enumerate(self.dirs):
+      desc = [_descriptors(p[k][o], self.patches, self.patch, draw)
+              for p, o in zip(self.pyr, orders)]
+      mu, sd = desc[-1].mean(0), desc[-1].std(0) + 1e-8
+      ref = jnp.asarray((desc[-1] - mu) / sd)
+      out.append([float(_sliced_w1(jnp.asarray((x - mu) / sd), ref, d)) for x in desc[:-1]])
+    return np.asarray(out).T
+
+
+def _interval(draws: np.ndarray, confidence: float) -> tuple[float, float]:
+  q = [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100]
+  return tuple(float(v) for v in np.percentile(draws, q))
+
+
 def swd(images: jax.Array, reference: jax.Array, *, seed: int = 0, patch: int = 7,
         patches: int = 16384, directions: int = 512, min_size: int = 16, bootstrap: int = 20,
         confidence: float = 0.95) -> SWD:
@@ -116,47 +163,50 @@ def swd(images: jax.Array, reference: jax.Array, *, seed: int = 0, patch: int = 
     ValueError: sets of different image shapes, fewer than 2 images, or levels smaller than a
       patch.
   """
-  images, reference = np.asarray(images, np.float32), np.asarray(reference, np.float32)
-  if images.ndim != 4 or reference.ndim != 4 or images.shape[1:] != reference.shape[1:]:
-    raise ValueError(f"images {images.shape} and reference {reference.shape} must be (N, H, W, C)"
-                     " sets of the same image shape")
-  if len(images) < 2 or len(reference) < 2:
-    raise ValueError("each set needs at least 2 images")
-  if not (np.isfinite(images).all() and np.isfinite(reference).all()):
-    raise ValueError("the images hold NaN or inf")
+  images, reference = _check_sets(images, reference)
   rng = np.random.default_rng(seed)
-  pyr_a = [np.asarray(l) for l in laplacian_pyramid(images, min_size)]
-  pyr_b = [np.asarray(l) for l in laplacian_pyramid(reference, min_size)]
-  dim = patch * patch * images.shape[3]
-  dirs = []
-  for _ in pyr_a:
-    d = rng.standard_normal((dim, directions)).astype(np.float32)
-    dirs.append(jnp.asarray(d / np.linalg.norm(d, axis=0, keepdims=True)))
-
-  def distances(order_a: np.ndarray, order_b: np.ndarray, draw: np.random.Generator):
-    out = []
-    for la, lb, d in zip(pyr_a, pyr_b, dirs):
-      da = _descriptors(la[order_a], patches, patch, draw)
-      db = _descriptors(lb[order_b], patches, patch, draw)
-      mu, sd = db.mean(0), db.std(0) + 1e-8
-      out.append(float(_sliced_w1(jnp.asarray((da - mu) / sd), jnp.asarray((db - mu) / sd), d)))
-    return out
-
-  base_seed = int(rng.integers(2 ** 31))
-  per_level = distances(np.arange(len(images)), np.arange(len(reference)),
-                        np.random.default_rng(base_seed))
-  levels = tuple(tuple(l.shape[1:3]) for l in pyr_a)
-  result = SWD(levels, tuple(per_level), float(np.mean(per_level)), confidence=confidence)
+  pyr = _Pyramids((images, reference), rng, patch, patches, directions, min_size)
+  per_level = pyr.distances((np.arange(len(images)), np.arange(len(reference))),
+                            int(rng.integers(2 ** 31)))[0]
+  result = SWD(pyr.levels, tuple(float(v) for v in per_level), float(np.mean(per_level)),
+               confidence=confidence)
   if not bootstrap:
     return result
+  draws = np.asarray([pyr.distances((rng.integers(0, len(images), len(images)),
+                                     rng.integers(0, len(reference), len(reference))),
+                                    int(rng.integers(2 ** 31)))[0] for _ in range(bootstrap)])
+  return dataclasses.replace(
+      result, per_level_ci=tuple(_interval(draws[:, k], confidence)
+                                 for k in range(draws.shape[1])),
+      mean_ci=_interval(draws.mean(1), confidence))
+
+
+def swd_difference(images: jax.Array, baseline: jax.Array, reference: jax.Array, *,
+                   seed: int = 0, patch: int = 7, patches: int = 16384, directions: int = 512,
+                   min_size: int = 16, bootstrap: int = 50, confidence: float = 0.95
+                   ) -> tuple[float, tuple[float, float]]:
+  """SWD(images) - SWD(baseline), both against ``reference``, and its paired bootstrap interval:
+  every draw uses the same directions, patch positions and resampled reference for both, and
+  the same resampled indices of ``images`` and ``baseline`` (sample i of each drawn with key
+  i), so the interval measures the difference, not each set's own spread.
+
+  Args: as ``swd``; ``images`` and ``baseline`` hold the same number of images.
+  Returns: (difference of the level means, its interval).
+  Raises: ValueError as ``swd``, or sets of different sizes.
+  """
+  images, baseline, reference = _check_sets(images, baseline, reference)
+  if len(images) != len(baseline):
+    raise ValueError(f"images ({len(images)}) and baseline ({len(baseline)}) must hold as many "
+                     "images (paired by index)")
+  rng = np.random.default_rng(seed)
+  pyr = _Pyramids((images, baseline, reference), rng, patch, patches, directions, min_size)
+  n, m = len(images), len(reference)
+  diff = lambda d: float(d[0].mean() - d[1].mean())
+  point = diff(pyr.distances((np.arange(n), np.arange(n), np.arange(m)),
+                             int(rng.integers(2 ** 31))))
   draws = []
   for _ in range(bootstrap):
-    ia = rng.integers(0, len(images), len(images))
-    ib = rng.integers(0, len(reference), len(reference))
-    draws.append(distances(ia, ib, np.random.default_rng(int(rng.integers(2 ** 31)))))
-  draws = np.asarray(draws)                                   # (bootstrap, levels)
-  q = [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100]
-  level_ci = tuple(tuple(float(v) for v in np.percentile(draws[:, k], q))
-                   for k in range(draws.shape[1]))
-  mean_ci = tuple(float(v) for v in np.percentile(draws.mean(1), q))
-  return dataclasses.replace(result, per_level_ci=level_ci, mean_ci=mean_ci)
+    idx = rng.integers(0, n, n)
+    draws.append(diff(pyr.distances((idx, idx, rng.integers(0, m, m)),
+                                    int(rng.integers(2 ** 31)))))
+  return point, _interval(np.asarray(draws), confidence)
