@@ -10,6 +10,12 @@ OUT/psnr.json, OUT/psnr.png (output PSNR against input PSNR, identity line, one 
 flat and multi-scale panels) and, with --filters, OUT/filters.png (rows of each model's
 Jacobian: the adaptive averaging it applies around a few pixels).
 
+With --swd_samples, instead: the multi-scale sliced Wasserstein distance of sample sets
+(sample.py's samples.npz) against --images, a sample-quality figure without ground truth:
+
+  python launch/evaluate.py --swd_samples=models/ms_rf13/samples/samples.npz \
+      --images=folder:../shared/data/celeba-aligned --crop=celeba --split=eval --num_images=256
+
 With --nll, also the negative log-likelihood bound of every model on the same images, in bits
 per pixel with its per-scale breakdown and standard errors (wcdm_jax.likelihood; the same
 noise for every model, so differences are paired): OUT/nll.json and OUT/nll.png.
@@ -57,7 +63,52 @@ flags.DEFINE_bool("gaussian", True, "With --psnr: also the curve of the best Gau
 flags.DEFINE_bool("nll", False, "Negative log-likelihood bound in bits per pixel (nll.json, "
                   "nll.png).")
 flagdefs.define(likelihood.LikelihoodConfig, prefix="nll_", help_prefix="--nll: ")
-flags.mark_flag_as_required("models")
+flags.DEFINE_list("swd_samples", [], "Sample sets to judge instead of models: the multi-scale "
+                  "sliced Wasserstein distance (wcdm_jax.quality) of each against --images "
+                  "(same preprocessing): sample.py's samples.npz files (comma-separated). "
+                  "Writes swd.json.")
+flags.DEFINE_integer("swd_patches", 16384, "--swd_samples: 7x7 descriptors per set and level.",
+                     lower_bound=1)
+flags.DEFINE_integer("swd_directions", 512, "--swd_samples: random directions per level.",
+                     lower_bound=1)
+flags.DEFINE_integer("swd_bootstrap", 50, "--swd_samples: bootstrap resamples of the 95% "
+                     "interval (0: none).", lower_bound=0)
+
+
+def _swd() -> None:
+  """--swd_samples: each set's SWD against --images, into OUT/swd.json."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import quality  # pylint: disable=g-import-not-at-top
+  sets = {}
+  for path in FLAGS.swd_samples:
+    try:
+      with np.load(path) as z:
+        sets[path] = np.asarray(z["samples"], np.float32)
+    except (OSError, ValueError, KeyError) as e:
+      common.fail(f"--swd_samples={path}: not a samples.npz of sample.py with a 'samples' "
+                  f"array ({type(e).__name__}: {e})")
+  first = next(iter(sets.values()))
+  size, channels = FLAGS.image_size or first.shape[1], first.shape[3]
+  images = common.load_images(FLAGS.images, size, channels, FLAGS.crop, FLAGS.num_images,
+                              FLAGS.split, FLAGS.eval_fraction)
+  common.log(f"reference: {len(images)} images of {size}x{size} from {FLAGS.images}")
+  out = {}
+  for path, x in sets.items():
+    try:
+      d = quality.swd(x, images, seed=FLAGS.seed, patches=FLAGS.swd_patches,
+                      directions=FLAGS.swd_directions, bootstrap=FLAGS.swd_bootstrap)
+    except ValueError as e:
+      common.fail(f"--swd_samples={path}: {e}")
+    out[path] = {"swd": d.mean, "swd_ci": d.mean_ci, "per_level": d.per_level,
+                 "per_level_ci": d.per_level_ci, "levels": d.levels, "num_samples": len(x)}
+    ci = f" [{d.mean_ci[0] * 1e3:.2f}, {d.mean_ci[1] * 1e3:.2f}]" if d.mean_ci else ""
+    common.log(f"{path}: SWD x1e3 {d.mean * 1e3:.2f}{ci}; per level (finest first) " +
+               " ".join(f"{v * 1e3:.2f}" for v in d.per_level))
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(os.path.join(FLAGS.out, "swd.json"), "w") as f:
+    json.dump({"images": FLAGS.images, "num_images": len(images), "image_size": size,
+               "split": FLAGS.split, "seed": FLAGS.seed, "sets": out}, f, indent=1)
+  common.log(f"wrote {os.path.join(FLAGS.out, 'swd.json')}")
 
 
 def main(argv):
@@ -67,6 +118,12 @@ def main(argv):
   common.check_native_setting()
   mesh = common.local_mesh()  # every local device: batches are split over them
   from launch import plots  # pylint: disable=g-import-not-at-top
+  if FLAGS.swd_samples:
+    if FLAGS.models:
+      raise app.UsageError("--swd_samples judges sample sets, --models models: give one of them")
+    return _swd()
+  if not FLAGS.models:
+    raise app.UsageError("--models is required (or --swd_samples to judge sample sets)")
   if not (FLAGS.psnr or FLAGS.nll):
     raise app.UsageError("--nopsnr without --nll leaves nothing to evaluate")
   nll_cfg = None

@@ -37,6 +37,16 @@ flagdefs.define(sampling.AscentConfig, prefix="low_", skip=("flip_average",),
                 defaults=sampling.RELEASE_LOW, help_prefix="Low-pass ascent: ")
 flagdefs.define(sampling.AscentConfig, prefix="cond_", skip=("flip_average", "mean_0"),
                 defaults=sampling.RELEASE_COND, help_prefix="Conditional ascents: ")
+# The probability-flow sampler (sampling.FlowConfig): --low_sampler=flow / --cond_sampler=flow,
+# its settings as --low_flow_* / --cond_flow_*.
+flags.DEFINE_enum("low_sampler", "ascent", ["ascent", "flow"], "Low-pass (or flat) scale: the "
+                  "stochastic ascent (--low_*) or the probability flow (--low_flow_*).")
+flags.DEFINE_enum("cond_sampler", "ascent", ["ascent", "flow"], "Conditional scales: the "
+                  "stochastic ascent (--cond_*) or the probability flow (--cond_flow_*).")
+flagdefs.define(sampling.FlowConfig, prefix="low_flow_", skip=("flip_average",),
+                defaults=sampling.FlowConfig(mean_0=0.5), help_prefix="Low-pass flow: ")
+flagdefs.define(sampling.FlowConfig, prefix="cond_flow_", skip=("flip_average", "mean_0"),
+                help_prefix="Conditional flows: ")
 flags.DEFINE_float("cond_sigma_L_finest", sampling.RELEASE_COND_FINEST.sigma_L,
                    "Final noise level at the finest level.")
 flags.DEFINE_bool("flip_average", False, "Every scale's ascent uses the net's residual averaged "
@@ -60,13 +70,15 @@ def main(argv):
   common.check_native_setting()
   mesh = common.local_mesh()  # every local device: batches are split over them
   try:
-    ascent = lambda prefix, skip: flagdefs.build(
-        sampling.AscentConfig, dict(flagdefs.overrides(sampling.AscentConfig, prefix=prefix,
-                                                       skip=skip),
-                                    flip_average=FLAGS.flip_average),
-        flagdefs.flag_names(sampling.AscentConfig, prefix))
-    low_cfg = ascent("low_", ("flip_average",))
-    cond = ascent("cond_", ("flip_average", "mean_0"))
+    config = lambda cls, prefix, skip: flagdefs.build(
+        cls, dict(flagdefs.overrides(cls, prefix=prefix, skip=skip),
+                  flip_average=FLAGS.flip_average), flagdefs.flag_names(cls, prefix))
+    low_cfg = (config(sampling.FlowConfig, "low_flow_", ("flip_average",))
+               if FLAGS.low_sampler == "flow" else
+               config(sampling.AscentConfig, "low_", ("flip_average",)))
+    cond = (config(sampling.FlowConfig, "cond_flow_", ("flip_average", "mean_0"))
+            if FLAGS.cond_sampler == "flow" else
+            config(sampling.AscentConfig, "cond_", ("flip_average", "mean_0")))
     rescale = tuple(float(v) for v in FLAGS.low_rescale) or None
     sigmas = [float(s) for s in FLAGS.noise_sigmas]
   except ValueError as e:
@@ -74,7 +86,8 @@ def main(argv):
   if rescale is not None and len(rescale) != 2:
     raise app.UsageError("--low_rescale takes two numbers, e.g. 0,0.8")
   params = common.load_model(FLAGS.model, mesh)
-  conds = [dataclasses.replace(cond, sigma_L=FLAGS.cond_sigma_L_finest) if j == 0 else cond
+  conds = [dataclasses.replace(cond, sigma_L=FLAGS.cond_sigma_L_finest)
+           if j == 0 and FLAGS.cond_sampler == "ascent" else cond
            for j in range(params.spec.levels)]
   job = tasks.SampleJob(FLAGS.num_samples, FLAGS.seed, FLAGS.image_size, low_cfg, conds, rescale,
                         FLAGS.images, FLAGS.num_images, FLAGS.crop, sigmas, FLAGS.time_repeats)

@@ -15,7 +15,7 @@ from wcdm_jax import inverse, models, sampling
 HEUN = sampling.FlowConfig(method="heun", num_steps=18, sigma_max=3.0, sigma_min=0.005)
 
 
-def _power_ratio(cfg, num=1000):
+def _power_ratio(cfg, num=500):
   keys = jax.random.split(jax.random.key(0), num)
   out, info = jax.jit(lambda k: sampling.ascent(k, gaussian_residual, (N, N, 1), cfg))(keys)
   power = jnp.mean(jnp.abs(jnp.fft.fft2(out[..., 0])) ** 2, 0) / N ** 2
@@ -25,7 +25,7 @@ def _power_ratio(cfg, num=1000):
 @pytest.mark.parametrize("cfg", [
     HEUN,
     dataclasses.replace(HEUN, method="euler", num_steps=60),
-    dataclasses.replace(HEUN, churn=0.2, num_steps=30),
+    dataclasses.replace(HEUN, churn=0.2, num_steps=24),
 ], ids=["heun", "euler", "heun-churn"])
 def test_flow_samples_have_the_gaussian_priors_covariance(cfg):
   """The ODE driven by a *blind* denoiser (its noise level estimated from y) and the schedule's
@@ -44,7 +44,7 @@ def test_flow_samples_have_the_gaussian_priors_covariance(cfg):
 
 def test_too_few_euler_steps_are_measurably_wrong():
   """The check above can fail: 4 Euler steps leave the samples far from the prior."""
-  ratio, _ = _power_ratio(dataclasses.replace(HEUN, method="euler", num_steps=4))
+  ratio, _ = _power_ratio(dataclasses.replace(HEUN, method="euler", num_steps=4), num=200)
   assert np.max(np.abs(ratio - 1)) > 0.3, ratio
 
 

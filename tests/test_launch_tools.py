@@ -69,6 +69,32 @@ def test_sample_tool(tiny_model, tmp_path):
     assert _psnr(a[f"denoised_{s}"], a["clean"]) > _psnr(a[f"noisy_{s}"], a["clean"]) + 1.0
 
 
+def test_sample_with_the_flow_then_judge_by_swd(tiny_model, tmp_path):
+  """--low_sampler/--cond_sampler=flow: every sample takes the schedule's steps; then
+  evaluate.py --swd_samples scores the set against real images."""
+  res = _run("sample.py", f"--model={tiny_model}", f"--out={tmp_path}", "--num_samples=4",
+             "--low_sampler=flow", "--low_flow_num_steps=5", "--cond_sampler=flow",
+             "--cond_flow_num_steps=4", "--cond_flow_method=euler")
+  with open(tmp_path / "samples.json") as f:
+    summary = json.load(f)
+  assert [s["steps"] for s in summary["sampling"]] == [[4] * 4, [3] * 4]
+  assert all(s["converged"] == 4 for s in summary["sampling"])
+  assert "did not converge" not in res.stdout
+  out = tmp_path / "eval"
+  res = _run("evaluate.py", f"--swd_samples={tmp_path / 'samples.npz'}", "--images=deadleaves",
+             "--num_images=8", "--swd_patches=512", "--swd_directions=16", "--swd_bootstrap=4",
+             f"--out={out}")
+  with open(out / "swd.json") as f:
+    swd = json.load(f)["sets"][str(tmp_path / "samples.npz")]
+  assert swd["levels"] == [[16, 16]] and swd["swd"] > 0 and len(swd["swd_ci"]) == 2
+  assert "SWD x1e3" in res.stdout
+  bad = cli.run("evaluate.py", f"--swd_samples={tmp_path / 'samples.json'}")
+  assert bad.returncode == 1 and "not a samples.npz" in bad.stderr
+  bad = cli.run("sample.py", f"--model={tiny_model}", "--low_sampler=flow",
+                "--low_flow_num_steps=1")
+  assert bad.returncode != 0 and "--low_flow_num_steps=1: num_steps must be >= 2" in bad.stderr
+
+
 def _psnr(x, ref):
   mse = np.mean((np.asarray(x, np.float64) - ref) ** 2, axis=(1, 2, 3))
   return float(np.mean(10 * np.log10(1.0 / mse)))

@@ -33,7 +33,7 @@ def test_laplacian_pyramid_is_invertible():
 
 def test_swd_orders_degraded_sets_after_real_ones(sets):
   real, ref = sets
-  kw = dict(seed=0, patches=4096, directions=128, bootstrap=0)
+  kw = dict(seed=0, patches=2048, directions=64, bootstrap=0)
   floor = quality.swd(real, ref, **kw).mean
   blurred = np.asarray(evaluation.gaussian_blur(jnp.asarray(real), 1.0))
   dimmer = 0.8 * real + 0.1
@@ -49,10 +49,10 @@ def test_swd_orders_degraded_sets_after_real_ones(sets):
 
 def test_swd_is_a_function_of_its_seed_with_an_interval(sets):
   real, ref = sets
-  a = quality.swd(real, ref, seed=3, patches=2048, directions=64, bootstrap=8)
-  b = quality.swd(real, ref, seed=3, patches=2048, directions=64, bootstrap=8)
+  a = quality.swd(real, ref, seed=3, patches=1024, directions=32, bootstrap=6)
+  b = quality.swd(real, ref, seed=3, patches=1024, directions=32, bootstrap=6)
   assert a == b
-  c = quality.swd(real, ref, seed=4, patches=2048, directions=64, bootstrap=8)
+  c = quality.swd(real, ref, seed=4, patches=1024, directions=32, bootstrap=6)
   assert c.mean != a.mean
   assert a.levels == ((48, 48), (24, 24))
   assert len(a.per_level) == 2 and a.mean == pytest.approx(np.mean(a.per_level))
@@ -75,7 +75,7 @@ def test_bad_sets_are_refused(args, message):
 def test_paired_difference_separates_a_degradation_from_noise(sets):
   real, ref = sets
   other = _images(24, 2)
-  kw = dict(seed=0, patches=2048, directions=64, bootstrap=20)
+  kw = dict(seed=0, patches=1024, directions=32, bootstrap=12)
   blurred = np.asarray(evaluation.gaussian_blur(jnp.asarray(other), 1.0))
   d, (lo, hi) = quality.swd_difference(blurred, other, ref, **kw)
   assert 0 < lo <= d <= hi
