@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup quickstart test test-fast bench
+.PHONY: setup quickstart test test-fast docs bench
 
 setup: $(VENV)/.installed
 
@@ -27,3 +27,9 @@ test: setup
 # reproductions, benchmarks' smoke runs, multi-process runs).
 test-fast: setup
 	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile -m "not slow" tests
+
+# The documentation site (Sphinx + MyST, API reference from the docstrings) into docs/_build/html;
+# warnings (a broken cross-reference, a malformed docstring) fail the build.
+docs: setup
+	@$(PY) -c "import sphinx, myst_parser, furo" 2>/dev/null || { echo "make docs needs the docs extra: $(PY) -m pip install -e '.[docs]'"; exit 1; }
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html

@@ -68,11 +68,11 @@ flags.DEFINE_integer("colour_steps", 500, "Steps of every net of the colour mode
                      lower_bound=1)
 flags.DEFINE_integer("colour_num_layers", None, "Layers of the colour model's conditional nets "
                      "(default: --num_layers). At CPU budgets the 21-layer RF 9 colour nets "
-                     "hardly learn where 10 layers do (docs/training.md, 'Colour').", lower_bound=2)
+                     "hardly learn where 10 layers do (docs/experiments/training_log.md, 'Colour').", lower_bound=2)
 flags.DEFINE_integer("colour_low_num_layers", None, "Layers of the colour model's low-pass net, "
                      "all 3x3 (default: --low_num_layers, with --low_rf): like its conditional "
                      "nets, a 20-layer colour low-pass net hardly learns at CPU budgets where 10 "
-                     "layers do (docs/training.md, 'Colour').", lower_bound=2)
+                     "layers do (docs/experiments/training_log.md, 'Colour').", lower_bound=2)
 flags.DEFINE_integer("seed", 0, "Seed of every run.")
 flags.DEFINE_integer("log_every", 25, "Training: steps between log lines.", lower_bound=1)
 flags.DEFINE_integer("eval_every", 50, "Training: steps between per-scale PSNR evaluations.",
@@ -288,7 +288,7 @@ def _figures(names: dict, path) -> None:
   # images, and without it the ascents grow their asymmetry into a border column. The
   # conditional ascents stop at noise std 0.05, above these nets' own error on clean details
   # (about 0.03 rms for cond0 after 64,000 images): below it their residual is mostly their
-  # error, and a level-1 ascent run down to 0.01 draws vertical stripes (docs/training.md).
+  # error, and a level-1 ascent run down to 0.01 draws vertical stripes (docs/experiments/training_log.md).
   if FLAGS.colour_samples:
     _samples(path("ms_small"), "grey_samples")
   if os.path.isdir(path("colour")) and FLAGS.colour_samples:

@@ -30,7 +30,7 @@ flags.DEFINE_enum("color", "grey", ["grey", "colour"], "Grey (mean of RGB) or co
 flags.DEFINE_enum("recipe", "default", sorted(training.RECIPES), "Optimisation recipe: 'paper' "
                   "is method.md §4 exactly (Adam, halvings, no warm-up, no EMA); 'default' adds "
                   "a warm-up, a cosine decay and an EMA of the weights (wcdm_jax.training.RECIPES,"
-                  " docs/training.md). The flags below override single settings of it.")
+                  " docs/experiments/training_log.md). The flags below override single settings of it.")
 flagdefs.define(training.TrainConfig, unset=training.RECIPE_FIELDS,
                 unset_help="(default: the recipe's)")
 flags.DEFINE_enum("data_worker_kind", "auto", ["auto", "threads", "processes"], "Decoders as "

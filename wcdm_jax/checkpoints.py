@@ -224,7 +224,14 @@ def quarantine(mngr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
 
 def save_model(directory: str, params: models.ModelParams, step: int = 0,
                meta: dict | None = None) -> None:
-  """Write a complete ModelParams (e.g. imported weights) as a model directory."""
+  """Write a complete ModelParams (e.g. imported weights) as a model directory.
+
+  Args:
+    directory: created if needed; ``load_params(directory)`` reads it back.
+    params: every net of the model.
+    step: the checkpoint step recorded for every net.
+    meta: extra JSON-serialisable facts stored with the spec (e.g. the source of the weights).
+  """
   write_spec(directory, params.spec)
   for name in params.spec.nets:
     _, variables = params.net(name)
@@ -241,9 +248,21 @@ def load_params(path: str, step: int | None = None,
   """Everything sampling and denoising need from a model directory, as ``ModelParams``.
 
   Reads DIR/spec.json and the newest intact (or exactly ``step``) checkpoint of every net; a
-  corrupt newer step is skipped with a warning naming it and why. A net that was never
-  trained (e.g. a one-scale job still running) is an error naming it. The variables are
-  device arrays: on the default device, or replicated over ``mesh`` (``parallel``).
+  corrupt newer step is skipped with a warning naming it and why.
+
+  Args:
+    path: a training workdir (``launch/train.py --workdir``) or an imported model directory.
+    step: load exactly this step of every net (default: each net's newest intact one).
+    warn: receives the warnings (skipped corrupt steps).
+    mesh: replicate the variables over this mesh's devices (default: the default device).
+
+  Returns:
+    ``ModelParams``: a pytree of device arrays with the ``ModelSpec`` as static data.
+
+  Raises:
+    FileNotFoundError: no model at ``path``.
+    ValueError, CheckpointError: a net never trained (e.g. a one-scale job still running), no
+      intact step, or a spec that is not a wcdm_jax model; the message names it.
   """
   if not isinstance(path, (str, os.PathLike)):
     raise TypeError(f"path must be a model directory (str), got {type(path).__name__}")

@@ -6,7 +6,7 @@ are scale invariant (power spectrum ~ 1/f^2, like photographs') between the smal
 largest disc. Its local structure is learnable by a small net in minutes while a linear filter
 cannot preserve its edges, and its samples are recognisable, so it is the quickstart's data:
 a deterministic stand-in for photographs, as many images as wanted, that needs no download
-(docs/training.md, "The quickstart").
+(docs/experiments/training_log.md, "The quickstart").
 
 ``render`` draws one image from a ``numpy.random.Generator``: discs back to front until the
 canvas is covered (a pixel stays uncovered with probability e^-COVERAGE), on a grid

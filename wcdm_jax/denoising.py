@@ -24,10 +24,23 @@ def denoise(params: models.ModelParams, noisy: jax.Array, *, return_scales: bool
 
   Flat model: ``y - f(y)``. Multi-scale: decompose, denoise x_J with the low-pass net, then
   for each finer level denoise the details conditioned on the *denoised* low-pass and invert
-  one level. ``return_scales=True`` also returns the denoised low-pass of every level,
-  coarse to fine (the last one is the image). mesh: split the batch over this mesh's 'data'
-  axis (each device denoising its own images); default: the mesh ``noisy`` is sharded on,
-  if it is sharded along its batch axis (``parallel``), else one device.
+  one level.
+
+  Args:
+    params: a flat or multi-scale model (``load_params``).
+    noisy: (B, H, W, C) float images in pixel units (clean images in [0, 1]); any noise level
+      the nets were trained for, unknown to the call.
+    return_scales: also return the denoised low-pass of every level, coarse to fine.
+    conv_impl: how convolutions run ('auto', 'xla', ...; ``wcdm_jax.conv``).
+    mesh: split the batch over this mesh's 'data' axis (each device denoising its own images);
+      default: the mesh ``noisy`` is sharded on, if it is sharded along its batch axis, else
+      one device.
+
+  Returns:
+    (B, H, W, C) float32 denoised images; with ``return_scales``, (images, [x_J, ..., x_0]).
+
+  Raises:
+    ValueError, TypeError: images of the wrong rank, channels or size for the model.
   """
   models.check_params(params)
   noisy = _check_images(params.spec, noisy, "noisy")

@@ -59,21 +59,23 @@ CondDenoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 class LikelihoodConfig:
   """Settings of the bound (pixel units, images in [0, 1]).
 
-  num_evals: denoiser evaluations per image and scale (the cost); a multiple of replicas.
-  replicas: independent shifted lattices; the standard error comes from their spread (>= 2).
-  sigma_min, sigma_max: the noise range of the diffusion term; sigma_min below the
-    dequantisation noise (std 0.29 / 255) costs nothing when D is near the identity there,
-    sigma_max should be the nets' training range (noise_max / 255; 1.0 for the release).
-  bins: levels per channel of the images (256 for 8 bits); 0 = continuous data (no
-    dequantisation, bits of a density).
-  prior_mean, prior_var: the prior of y at sigma_max is N(prior_mean, sigma_max^2 + prior_var)
-    per pixel for the low-pass (or flat) image, N(0, sigma_max^2) for wavelet details.
-  scan: the cuts of the reconstruction term: sigma_min * 2^k, k < scan (``truncations``). A
-    denoiser that is not the identity on clean images (an error floor, e.g. 40 dB) pays
-    floor / (2 s^2) nats per pixel for every s below its floor; the bound is valid at every
-    cut, ``LogProb.bits_per_pixel`` is at the cut the evaluations support best (chosen
-    without selection bias), and that cut says at which noise level the model's fine-scale
-    density stops being better than Gaussian noise of that width. scan = 1: at sigma_min.
+  Attributes:
+    num_evals: denoiser evaluations per image and scale (the cost); a multiple of replicas.
+    replicas: independent shifted lattices; the standard error comes from their spread (>= 2).
+    sigma_min: the smallest noise std of the diffusion term; below the dequantisation noise
+      (std 0.29 / 255) it costs nothing when D is near the identity there.
+    sigma_max: the largest, the nets' training range (noise_max / 255; 1.0 for the release).
+    bins: levels per channel of the images (256 for 8 bits); 0 = continuous data (no
+      dequantisation, bits of a density).
+    prior_mean: the prior of y at sigma_max is N(prior_mean, sigma_max^2 + prior_var) per
+      pixel for the low-pass (or flat) image, N(0, sigma_max^2) for wavelet details.
+    prior_var: see prior_mean.
+    scan: the cuts of the reconstruction term: sigma_min * 2^k, k < scan (``truncations``). A
+      denoiser that is not the identity on clean images (an error floor, e.g. 40 dB) pays
+      floor / (2 s^2) nats per pixel for every s below its floor; the bound is valid at every
+      cut, ``LogProb.bits_per_pixel`` is at the cut the evaluations support best (chosen
+      without selection bias), and that cut says at which noise level the model's fine-scale
+      density stops being better than Gaussian noise of that width. scan = 1: at sigma_min.
   """
   num_evals: int = settings.setting(
       64, "Denoiser evaluations per image and scale (a multiple of replicas).", flag="evals")
@@ -330,13 +332,26 @@ def log_prob(key: jax.Array, params: models.ModelParams, images: jax.Array, *,
   """Upper bound on the negative log-likelihood of (B, H, W, C) images in [0, 1], in bits
   per pixel, for a flat or a multi-scale model (see the module docstring for the bound).
 
-  key: one key (split into one per image) or a (B,) batch of keys; image i's estimate depends
-  only on its key and its pixels, so the same keys give paired estimates across models and
-  the figures do not depend on the batch's other images. config: ``LikelihoodConfig``
-  (default: 64 denoiser evaluations per image and scale in 4 replicas, sigma in
-  [0.25/255, 1], 8-bit dequantisation). Costs num_evals * (J + 1) net evaluations per image.
-  mesh: split the images over this mesh's 'data' axis; default: the mesh ``images`` is
-  sharded on, if any (``parallel``).
+  Costs num_evals * (J + 1) net evaluations per image.
+
+  Args:
+    key: one key (split into one per image) or a (B,) batch of keys; image i's estimate
+      depends only on its key and its pixels, so the same keys give paired estimates across
+      models and the figures do not depend on the batch's other images.
+    params: a flat or multi-scale model.
+    images: (B, H, W, C) in [0, 1] (8-bit values for the default dequantisation).
+    config: ``LikelihoodConfig`` (default: 64 denoiser evaluations per image and scale in 4
+      replicas, sigma in [0.25/255, 1], 8-bit dequantisation).
+    conv_impl: how convolutions run.
+    mesh: split the images over this mesh's 'data' axis; default: the mesh ``images`` is
+      sharded on, if any.
+
+  Returns:
+    ``LogProb``: ``bits_per_pixel`` (B,) at the cut chosen without selection bias, ``stderr``
+    (B,), ``scales`` {term: (B,)}, ``cuts`` and ``scan`` (the bound at every cut).
+
+  Raises:
+    ValueError, TypeError: images or keys of the wrong shape, or a bad config.
   """
   models.check_params(params)
   cfg = LikelihoodConfig() if config is None else config

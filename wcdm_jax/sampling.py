@@ -370,21 +370,34 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
            conv_impl: str = "auto", mesh: Mesh | None = None):
   """Unconditional samples (N, H, W, C), coarse to fine.
 
-  key: one key (then ``num_samples``, default 1) or a (N,) batch of keys; sample i depends
-  only on its own key. image_size: (H, W), default the model's training size. low_config:
-  sampler of the low-pass net (flat models: of the flat net), an ``AscentConfig`` (the
-  stochastic ascent) or a ``FlowConfig`` (the probability flow, 10-100x fewer network
-  calls); default the release's ascent (beta 0.01, fixed h 0.01, sigma_L 0.1). cond_config:
-  one config or one per level (finest first); default the release's ascents, h0 0.01
-  ascending, beta 0.5, sigma_L 0.01 (0.015 at the finest level).
-  low_rescale: e.g. (0, 0.8), the release's per-image min-max rescale of the sampled
-  low-pass before the details are synthesised (it compensates the low-pass net's intensity
-  augmentation); None keeps the sampled low-pass as is.
-  return_intermediates: also return ([x_J, ..., x_0], per-scale AscentInfo list, coarse
-  first).
-  mesh: split the samples over this mesh's 'data' axis (``parallel.make_mesh()``: every
-  device), each device running the ascent of its own samples; default: the mesh ``key`` is
-  sharded on, if it is a sharded batch of keys, else one device. Results equal one device's.
+  Args:
+    key: one key (then ``num_samples``, default 1) or a (N,) batch of keys; sample i depends
+      only on its own key.
+    params: a flat or multi-scale model.
+    num_samples: N, with a single key.
+    image_size: (H, W), default the model's training size.
+    low_config: sampler of the low-pass net (flat models: of the flat net): an
+      ``AscentConfig`` (the stochastic ascent) or a ``FlowConfig`` (the probability flow,
+      10-100x fewer network calls); default the release's ascent (beta 0.01, fixed h 0.01,
+      sigma_L 0.1).
+    cond_config: one config or one per level (finest first); default the release's ascents
+      (h0 0.01 ascending, beta 0.5, sigma_L 0.01; 0.015 at the finest level).
+    low_rescale: e.g. (0, 0.8), the release's per-image min-max rescale of the sampled
+      low-pass before the details are synthesised (it compensates the low-pass net's
+      intensity augmentation); None keeps the sampled low-pass as is.
+    return_intermediates: also return the scales and the per-scale diagnostics.
+    conv_impl: how convolutions run.
+    mesh: split the samples over this mesh's 'data' axis (``parallel.make_mesh()``: every
+      device); default: the mesh ``key`` is sharded on, if it is a sharded batch of keys,
+      else one device. Results equal one device's.
+
+  Returns:
+    (N, H, W, C) float32 samples; with ``return_intermediates``, (samples, [x_J, ..., x_0],
+    [AscentInfo per scale, coarse first]).
+
+  Raises:
+    TypeError, ValueError: a config of the wrong type, a size the wavelet transform cannot
+      take, or keys of the wrong shape.
   """
   models.check_params(params)
   spec = params.spec
@@ -414,10 +427,24 @@ def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array
   """Synthesise the details of J levels given low-pass images: (B, h, w, C) -> (B, 2^J h,
   2^J w, C), i.e. 4x with J = 2, 8x with J = 3.
 
-  low_res: the normalised low-pass x_J (local averages, pixel units), e.g.
-  ``wavelets.decompose(images, J).low``. key: one key or a (B,) batch of keys. mesh: split
-  the batch over this mesh's 'data' axis; default: the mesh ``low_res`` is sharded on, if
-  any (``parallel``).
+  Args:
+    key: one key or a (B,) batch of keys.
+    params: a multi-scale model.
+    low_res: (B, h, w, C) the normalised low-pass x_J (local averages, pixel units), e.g.
+      ``wavelets.decompose(images, J).low``.
+    cond_config: one ``AscentConfig`` / ``FlowConfig`` or one per level (finest first);
+      default the release's ascents.
+    return_intermediates: also return [x_J, ..., x_0] and the per-level diagnostics.
+    conv_impl: how convolutions run.
+    mesh: split the batch over this mesh's 'data' axis; default: the mesh ``low_res`` is
+      sharded on, if any.
+
+  Returns:
+    (B, 2^J h, 2^J w, C) float32 images whose J-level low-pass is ``low_res``; with
+    ``return_intermediates``, (images, scales, infos).
+
+  Raises:
+    ValueError: a flat model, or ``low_res`` at the model's full image size.
   """
   models.check_params(params)
   spec = params.spec

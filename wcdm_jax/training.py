@@ -4,7 +4,7 @@ Two recipes (``RECIPES``): 'paper' is method.md §4 exactly; 'default' adds a li
 a cosine decay, an exponential moving average of the weights, a loss balanced over noise
 levels and noise levels stratified over each batch, which do better at the budgets of a CPU
 or of one accelerator-hour, where the paper's recipe, tuned for 500 epochs at batch 512,
-leaves the nets far from the identity at small noise (docs/training.md,
+leaves the nets far from the identity at small noise (docs/experiments/training_log.md,
 benchmarks/bench_training.py).
 
 One jitted step per net. Batches are global ``jax.Array``s sharded along the batch axis of
@@ -18,7 +18,7 @@ Each net sees its part of the wavelet pyramid of the clean batch:
   details, its range scaled by the largest detail magnitude of the training data.
 Intensity augmentation scales each image's clean signal by U(0, 1): the paper's for the
 low-pass net only; the default also for the conditional nets, which teaches them noise above
-their range, where multi-scale denoising at high noise takes them (docs/training.md).
+their range, where multi-scale denoising at high noise takes them (docs/experiments/training_log.md).
 Noise: per image std = (k / 255), k ~ U{lo..hi} (independently per image, the paper's; or, the
 default, stratified: one k in each 1/B of the range, so that every batch spans it), squared
 when ``quadratic``; the loss is the summed squared error between the net's output and the
@@ -46,7 +46,7 @@ from wcdm_jax.settings import setting
 
 
 # The optimisation recipes: the paper's (method.md §4) and this project's default, chosen by
-# measurement with benchmarks/bench_training.py (docs/training.md has the figures). A recipe
+# measurement with benchmarks/bench_training.py (docs/experiments/training_log.md has the figures). A recipe
 # sets these TrainConfig fields (RECIPE_FIELDS); ``TrainConfig.from_recipe`` takes it and any
 # overrides. TrainConfig's own defaults are the 'default' recipe's (a test checks it).
 RECIPES = {
@@ -363,7 +363,7 @@ def net_example(spec: models.ModelSpec, name: str, images: jax.Array, key: jax.A
   net's details and its conditioning low-pass alike). The nets are homogeneous, f(a y) =
   a f(y), so an image dimmed by a under noise s is the image under noise s / a: the
   augmented nets see every signal-to-noise ratio down to 0, and beyond the top of the noise
-  range they denoise as they were trained to instead of extrapolating (docs/training.md).
+  range they denoise as they were trained to instead of extrapolating (docs/experiments/training_log.md).
   """
   net = spec.nets[name]
   k_std, k_noise, k_int = jax.random.split(key, 3)
@@ -394,7 +394,7 @@ def loss_weights(ex: Example, cfg: TrainConfig, loss_stats: jax.Array | None = N
 
   The unweighted loss (the paper's) is dominated by the noisiest images, whose error is
   largest; at a finite budget the nets then stay far from the identity at small noise (25 dB
-  on clean images, docs/training.md). 'snr': 1 / (std^2 + floor^2), every level by its error
+  on clean images, docs/experiments/training_log.md). 'snr': 1 / (std^2 + floor^2), every level by its error
   relative to its noise; at high noise that under-weights what a denoiser can still gain.
   'balanced': 1 / (m + floor^2), m the net's running mean squared error per pixel at the
   image's band of noise levels (``loss_stats``, (LOSS_BINS,), < 0 where none yet, which

@@ -243,14 +243,37 @@ def analysis(images: jax.Array, levels: int, wavelet: str = "haar", mode: str = 
 
 def decompose(images: jax.Array, levels: int, wavelet: str = "haar",
               mode: str = PERIODIZATION) -> Pyramid:
-  """(B, H, W, C) images -> normalised ``Pyramid`` with ``levels`` detail levels."""
+  """(B, H, W, C) images -> normalised ``Pyramid`` with ``levels`` detail levels.
+
+  Args:
+    images: (B, H, W, C) float images.
+    levels: J >= 1 detail levels; with 'periodization' H and W must be multiples of 2^J.
+    wavelet: an orthogonal PyWavelets wavelet ('haar', 'db2', 'sym4', ...).
+    mode: 'periodization' (orthonormal, in this package) or a jaxwt boundary mode.
+
+  Returns:
+    ``Pyramid``: ``low`` (B, H/2^J, W/2^J, C), local averages in pixel units, and ``details``
+    [(B, H/2, W/2, 3C), ..., (B, H/2^J, W/2^J, 3C)], finest first.
+
+  Raises:
+    ValueError: a size the transform cannot take (the message names the crop or pad that
+      works), a wavelet that is not orthogonal, or an unknown mode.
+  """
   lows, details = analysis(images, levels, wavelet, mode)
   sizes = tuple((x.shape[1], x.shape[2]) for x in [images] + lows[:-1])
   return Pyramid(low=lows[-1], details=tuple(details), wavelet=wavelet, mode=mode, sizes=sizes)
 
 
 def reconstruct(pyramid: Pyramid, levels: int | None = None) -> jax.Array:
-  """Inverse of ``decompose``; ``levels`` < J stops early (returns a coarser low-pass)."""
+  """Inverse of ``decompose``.
+
+  Args:
+    pyramid: a ``Pyramid`` of J levels.
+    levels: how many levels to invert (default J); fewer returns a coarser low-pass.
+
+  Returns:
+    (B, H, W, C) images (exactly ``decompose``'s input up to float32 rounding).
+  """
   n = pyramid.levels if levels is None else levels
   x = pyramid.low
   for j in reversed(range(pyramid.levels - n, pyramid.levels)):

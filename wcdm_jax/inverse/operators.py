@@ -164,10 +164,18 @@ class Inpainting(_Subset):
 
 def box_mask(shape: Sequence[int], box: Sequence[int] | int, center: Sequence[int] | None = None
              ) -> np.ndarray:
-  """(H, W) mask of ones with a zero box of size ``box`` ((h, w) or one int), centred by default.
+  """(H, W) mask of ones with a zero box (the hole), centred by default.
 
   Its float32 values match the original's hole: ``box_mask((160, 160), 40)`` is 0 on rows and
   columns 60:100.
+
+  Args:
+    shape: (H, W) of the images.
+    box: the hole's (h, w), or one int for a square.
+    center: the hole's (row, column) centre (default: the image's).
+
+  Returns:
+    (H, W) float32 array: 0 in the hole, 1 elsewhere (``Inpainting``'s mask).
   """
   h, w = _shape(shape)[:2]
   bh, bw = (box, box) if isinstance(box, numbers.Integral) else tuple(box)
@@ -248,7 +256,7 @@ def _signed(n: int) -> np.ndarray:
 class SpectralLowpass(Operator):
   """Keep about ``fraction`` of the 2-D DFT coefficients, the lowest frequencies (deblurring).
 
-  band='hermitian' (default): |u| <= r_h and |v| <= r_w in signed frequency, a band closed under
+  band='hermitian' (default): ``|u| <= r_h`` and ``|v| <= r_w`` in signed frequency, a band closed under
   negation; measurements (B, m, C) are real orthonormal coordinates (Re, and sqrt2 Re / sqrt2
   Im of one of each conjugate pair), so M M^T x is real and a projector.
   band='original': the original code's band (rows/cols k < r or k >= n - r with

@@ -105,9 +105,18 @@ def _ascent_config(cfg: SolverConfig) -> sampling.AscentConfig:
 
 def constrained_ascent(keys: jax.Array, residual_fn, op: ops.Operator, measurements: jax.Array,
                        y0: jax.Array, cfg: SolverConfig):
-  """The iteration for a batch; jittable. keys (B,), y0 (B, H, W, C).
+  """The constrained stochastic ascent for a batch (the module docstring's iteration); jittable.
 
-  Returns (y - f(y) at each sample's final state, sampling.AscentInfo).
+  Args:
+    keys: (B,) one key per image.
+    residual_fn: y (B, H, W, C) -> f(y), the prior denoiser's residual (``residual``).
+    op: the measurement operator.
+    measurements: (B, ...) ``op.forward`` of the images.
+    y0: (B, H, W, C) initial states (``initial_state``).
+    cfg: the solver's settings (beta None: chosen for ``op``).
+
+  Returns:
+    (y - f(y) at each image's final state, ``sampling.AscentInfo``).
   """
   cfg = resolve(cfg, op)
   m_xc = op.adjoint(measurements)  # M x_c
@@ -192,9 +201,22 @@ def uses_coarse_to_fine(params: models.ModelParams, op: ops.Operator, cfg: Solve
 
 def check_problem(params: models.ModelParams, op: ops.Operator, image_shape: ops.Shape,
                   config: SolverConfig) -> ops.Operator:
-  """Everything ``solve`` checks before compute, without measurements: the types, the operator
-  against the images' (H, W, C) and the model, and the method. Returns the operator with its
-  image shape bound."""
+  """Everything ``solve`` checks before compute, without measurements.
+
+  Args:
+    params: the prior.
+    op: the measurement operator.
+    image_shape: the images' (H, W, C).
+    config: the solver's settings.
+
+  Returns:
+    The operator with its image shape bound.
+
+  Raises:
+    TypeError: params, op or config of the wrong type.
+    ValueError: an operator that cannot measure such images, images the model cannot take, or
+      a method that does not apply; the message says what would.
+  """
   models.check_params(params)
   if not isinstance(config, SolverConfig):
     raise TypeError(f"config must be a wcdm_jax.inverse.SolverConfig, got "
@@ -223,13 +245,28 @@ def solve(key: jax.Array, params: models.ModelParams, op: ops.Operator, measurem
   """Images (B, H, W, C) consistent with ``measurements`` = ``op.forward(images)``, drawn
   with the prior of ``params`` (flat or multi-scale).
 
-  key: one key or a (B,) batch of keys (sample b depends only on its own). config: a
-  ``SolverConfig`` (default: ours; ``inverse.ORIGINAL`` for the original's settings).
-  return_info: also return a ``sampling.AscentInfo`` (steps, sigmas, aborted, converged; for
-  the coarse-to-fine solver, a list of one per level, coarse first).
   The image shape is the operator's, else (for BlockAverage) the measurements' times the
-  factor, else the model's training size. mesh: split the batch over this mesh's 'data'
-  axis; default: the mesh ``measurements`` is sharded on, if any (``parallel``).
+  factor, else the model's training size.
+
+  Args:
+    key: one key or a (B,) batch of keys (sample b depends only on its own).
+    params: the prior, flat or multi-scale.
+    op: ``Inpainting``, ``RandomPixels``, ``BlockAverage``, ``SpectralLowpass`` or
+      ``RandomProjection``.
+    measurements: (B, ...) ``op.forward(images)``.
+    config: a ``SolverConfig`` (default: ours; ``inverse.ORIGINAL`` for the original's
+      settings; ``SolverConfig(flow=FlowConfig(...))`` for the constrained probability flow).
+    return_info: also return a ``sampling.AscentInfo`` (for the coarse-to-fine solver, a list
+      of one per level, coarse first).
+    conv_impl: how convolutions run.
+    mesh: split the batch over this mesh's 'data' axis; default: the mesh ``measurements``
+      is sharded on, if any.
+
+  Returns:
+    (B, H, W, C) float32 images; with ``return_info``, (images, info).
+
+  Raises:
+    TypeError, ValueError: as ``check_problem``, or measurements of the wrong shape.
   """
   models.check_params(params)
   cfg = SolverConfig() if config is None else config

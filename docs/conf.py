@@ -1,0 +1,58 @@
+"""Sphinx configuration of the wcdm_jax docs: `make docs` builds docs/_build/html."""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(".."))
+
+project = "wcdm_jax"
+author = "the wcdm_jax authors"
+copyright = "2026, the wcdm_jax authors"  # pylint: disable=redefined-builtin
+release = "0.1.0"
+
+extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon",
+              "sphinx.ext.viewcode"]
+source_suffix = {".md": "markdown"}
+myst_enable_extensions = ["dollarmath"]
+myst_heading_anchors = 3
+exclude_patterns = ["_build", "figures/*.md"]
+html_theme = "furo"
+html_title = "wcdm_jax"
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_default_options = {"members": False}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+nitpicky = False
+
+
+def _check_public_names(app):
+  """A warning (an error under -W) for every public name that the API page leaves out or
+  that has no docstring; public functions need Args and Returns sections."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from sphinx.util import logging  # pylint: disable=g-import-not-at-top
+  import wcdm_jax  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import inverse  # pylint: disable=g-import-not-at-top
+  log = logging.getLogger(__name__)
+  with open(os.path.join(app.srcdir, "api.md"), encoding="utf-8") as f:
+    api = f.read()
+  for module in (wcdm_jax, inverse):
+    for name in module.__all__:
+      obj = getattr(module, name)
+      if isinstance(obj, types.ModuleType):
+        continue
+      full = f"{module.__name__}.{name}"
+      doc = inspect.getdoc(obj) or ""
+      if f"{full}\n" not in api and f"{full} " not in api:
+        log.warning(f"public name {full} is not in docs/api.md: add an autodoc entry for it")
+      if not doc and not name.isupper():
+        log.warning(f"public name {full} has no docstring")
+      elif inspect.isfunction(obj):
+        returns = inspect.signature(obj).return_annotation not in (None, "None")
+        if "Args:" not in doc or (returns and "Returns:" not in doc):
+          log.warning(f"public function {full}: its docstring needs Args: and Returns: "
+                      "sections")
+
+
+def setup(app):
+  app.connect("builder-inited", _check_public_names)
