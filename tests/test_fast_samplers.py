@@ -141,3 +141,31 @@ def test_coarse_to_fine_solver_uses_the_flow_for_its_details(ms):
                            config=inverse.SolverConfig(flow=flow), return_info=True)
   assert [int(i.steps[0]) for i in infos] == [4, 4]
   np.testing.assert_allclose(op.forward(x), op.forward(clean), atol=1e-4)
+
+
+def test_a_model_carries_its_recommended_sampler(ms, tmp_path):
+  """sampling.json travels with the model; sample(key, params) uses it, arguments override it."""
+  flow = sampling.FlowConfig(num_steps=3, mean_0=0.5)
+  rec = sampling.Recommended(low=flow, cond=(flow, flow), low_rescale=(0.1, 0.7))
+  assert sampling.Recommended.from_json(rec.to_json()) == rec
+  from wcdm_jax import checkpoints
+  checkpoints.save_model(str(tmp_path / "m"), dataclasses.replace(ms, sampling=rec))
+  params = wcdm_jax.load_params(str(tmp_path / "m"))
+  assert params.sampling == rec
+  _, scales, infos = wcdm_jax.sample(jax.random.key(0), params, 2, return_intermediates=True)
+  assert [int(i.steps[0]) for i in infos] == [2, 2, 2]           # the flow, every scale
+  low = np.asarray(scales[0]).reshape(2, -1)
+  np.testing.assert_allclose(low.min(1), 0.1, atol=1e-6)          # its rescale
+  np.testing.assert_allclose(low.max(1), 0.7, atol=1e-6)
+  _, scales, infos = wcdm_jax.sample(jax.random.key(0), params, 2, return_intermediates=True,
+                                     low_config=dataclasses.replace(flow, num_steps=5),
+                                     low_rescale=None)
+  assert int(infos[0].steps[0]) == 4 and float(np.asarray(scales[0]).max()) != 0.7
+  _, _, infos = wcdm_jax.super_resolve(jax.random.key(1), params, scales[0],
+                                       return_intermediates=True)
+  assert [int(i.steps[0]) for i in infos] == [2, 2]
+  (tmp_path / "m" / "sampling.json").write_text("{broken")
+  with pytest.raises(ValueError, match="sampling.json.*delete it"):
+    wcdm_jax.load_params(str(tmp_path / "m"))
+  with pytest.raises(ValueError, match="low_rescale must be"):
+    wcdm_jax.sample(jax.random.key(0), ms, 1, low_rescale="auto")

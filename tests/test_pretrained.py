@@ -77,6 +77,9 @@ def test_multiscale_160_parity(release, rf):
 def test_multiscale_320_parity(release):
   params = pretrained.load_release_model(release["ms_celebA_320x320_gray_rf13"])
   assert params.spec.levels == 3 and params.spec.image_size == (320, 320)
+  # The release's sampler travels with the imported model: sample(key, params) rescales.
+  assert params.sampling == sampling.release_recommended(3)
+  assert params.sampling.low_rescale == (0.0, 0.8) and len(params.sampling.cond) == 3
   _check_ms(params, fixture("ms320_rf13.npz"), 3)
 
 

@@ -228,11 +228,14 @@ def save_model(directory: str, params: models.ModelParams, step: int = 0,
 
   Args:
     directory: created if needed; ``load_params(directory)`` reads it back.
-    params: every net of the model.
+    params: every net of the model, and its recommended sampling settings
+      (``params.sampling``, written to DIR/sampling.json) if it has them.
     step: the checkpoint step recorded for every net.
     meta: extra JSON-serialisable facts stored with the spec (e.g. the source of the weights).
   """
   write_spec(directory, params.spec)
+  if params.sampling is not None:
+    write_sampling(directory, params.sampling)
   for name in params.spec.nets:
     _, variables = params.net(name)
     mngr = manager(directory, name, async_save=False)
@@ -296,4 +299,31 @@ def load_params(path: str, step: int | None = None,
                        else jax.device_put(model, jax.devices()[0]))
   return models.ModelParams(low=variables[spec.low.name],
                             conditionals=tuple(variables[c.name] for c in spec.conditionals),
-                            spec=spec)
+                            spec=spec, sampling=read_sampling(path))
+
+
+SAMPLING_FILE = "sampling.json"
+
+
+def write_sampling(directory: str, rec: Any) -> None:
+  """DIR/sampling.json: a model's recommended sampling settings (``sampling.Recommended``)."""
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, SAMPLING_FILE)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(rec.to_json())
+  os.replace(path + ".tmp", path)
+
+
+def read_sampling(directory: str) -> Any:
+  """The ``sampling.Recommended`` of DIR/sampling.json, None without one; ValueError naming
+  the file when it does not read."""
+  from wcdm_jax import sampling  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, SAMPLING_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  try:
+    return sampling.Recommended.from_json(text)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}; delete it to sample with the library's defaults") from e

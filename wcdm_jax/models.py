@@ -398,10 +398,14 @@ class ModelParams:
 
   low: variables of the low-pass net (or of the flat net when ``spec.levels == 0``).
   conditionals: variables of the conditional nets, level 0 (finest) first.
+  sampling: the model's recommended sampling settings (``sampling.Recommended``), used by
+    ``sample`` and ``super_resolve`` where an argument does not override them; None: the
+    library's defaults.
   """
   low: Variables
   conditionals: tuple[Variables, ...]
   spec: ModelSpec = struct.field(pytree_node=False)
+  sampling: Any = struct.field(pytree_node=False, default=None)
 
   def net(self, name: str) -> tuple[NetSpec, Variables]:
     """(spec, variables) of the net named as in ``ModelSpec.nets``: 'flat' or 'low' (both

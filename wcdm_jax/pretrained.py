@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from wcdm_jax import models
+from wcdm_jax import models, sampling
 
 _DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
@@ -283,4 +283,5 @@ def load_release_model(nets: dict[str, str], image_size: tuple[int, int] | None 
   conds = [read_net(nets[f"cond{j}"], "cond", j) for j in range(levels)]
   spec = models.ModelSpec(low=low_spec, conditionals=tuple(c[0] for c in conds),
                           image_size=image_size)
-  return models.ModelParams(low=low_vars, conditionals=tuple(c[1] for c in conds), spec=spec)
+  return models.ModelParams(low=low_vars, conditionals=tuple(c[1] for c in conds), spec=spec,
+                            sampling=sampling.release_recommended(levels))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Callable, Sequence
 
 import jax
@@ -131,6 +132,52 @@ class FlowConfig:
 
 
 Sampler = AscentConfig | FlowConfig  # one scale's settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommended:
+  """A model's recommended sampling settings (``ModelParams.sampling``, DIR/sampling.json).
+
+  Attributes:
+    low: the low-pass (or flat) scale's sampler.
+    cond: the conditional scales' samplers, finest first (None: the library's default).
+    low_rescale: the per-image min-max rescale of the sampled low-pass, or None.
+  """
+  low: Sampler
+  cond: tuple[Sampler, ...] | None = None
+  low_rescale: tuple[float, float] | None = None
+
+  def to_json(self) -> str:
+    enc = lambda c: {"sampler": "flow" if isinstance(c, FlowConfig) else "ascent",
+                     **dataclasses.asdict(c)}
+    return json.dumps({"low": enc(self.low),
+                       "cond": None if self.cond is None else [enc(c) for c in self.cond],
+                       "low_rescale": self.low_rescale}, indent=1)
+
+  @classmethod
+  def from_json(cls, text: str) -> "Recommended":
+    """Raises ValueError for a file that is not one of ``to_json``'s."""
+    def dec(d):
+      kind = d.pop("sampler")
+      return {"flow": FlowConfig, "ascent": AscentConfig}[kind](**d)
+    try:
+      d = json.loads(text)
+      return cls(low=dec(dict(d["low"])),
+                 cond=None if d.get("cond") is None else tuple(dec(dict(c)) for c in d["cond"]),
+                 low_rescale=None if d.get("low_rescale") is None else tuple(
+                     float(v) for v in d["low_rescale"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"not a wcdm_jax sampling.json ({type(e).__name__}: {e})") from e
+
+
+MODEL = "model"  # sample(low_rescale=MODEL): the model's recommendation
+
+
+def release_recommended(levels: int) -> Recommended:
+  """The release's settings for a J-level model: its ascents and the low-pass rescale to
+  [0, 0.8] (its low-pass nets were trained with intensity augmentation)."""
+  cond = tuple(RELEASE_COND_FINEST if j == 0 else RELEASE_COND for j in range(levels))
+  return Recommended(RELEASE_LOW, cond or None, (0.0, 0.8) if levels else None)
 
 
 @struct.dataclass
@@ -364,9 +411,10 @@ def _global_ascent(keys, params: models.ModelParams, shape, cfg, conv_impl="auto
 
 
 def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None = None, *,
-           image_size: Sequence[int] | None = None, low_config: Sampler = RELEASE_LOW,
+           image_size: Sequence[int] | None = None, low_config: Sampler | None = None,
            cond_config: Sampler | Sequence[Sampler] | None = None,
-           low_rescale: tuple[float, float] | None = None, return_intermediates: bool = False,
+           low_rescale: tuple[float, float] | None | str = MODEL,
+           return_intermediates: bool = False,
            conv_impl: str = "auto", mesh: Mesh | None = None):
   """Unconditional samples (N, H, W, C), coarse to fine.
 
@@ -378,13 +426,15 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
     image_size: (H, W), default the model's training size.
     low_config: sampler of the low-pass net (flat models: of the flat net): an
       ``AscentConfig`` (the stochastic ascent) or a ``FlowConfig`` (the probability flow,
-      10-100x fewer network calls); default the release's ascent (beta 0.01, fixed h 0.01,
-      sigma_L 0.1).
-    cond_config: one config or one per level (finest first); default the release's ascents
-      (h0 0.01 ascending, beta 0.5, sigma_L 0.01; 0.015 at the finest level).
+      10-100x fewer network calls); default the model's recommendation
+      (``params.sampling``), else the release's ascent (beta 0.01, fixed h 0.01, sigma_L 0.1).
+    cond_config: one config or one per level (finest first); default the model's
+      recommendation, else the release's ascents (h0 0.01 ascending, beta 0.5, sigma_L 0.01;
+      0.015 at the finest level).
     low_rescale: e.g. (0, 0.8), the release's per-image min-max rescale of the sampled
       low-pass before the details are synthesised (it compensates the low-pass net's
-      intensity augmentation); None keeps the sampled low-pass as is.
+      intensity augmentation); None keeps the sampled low-pass as is; 'model' (default): the
+      model's recommendation (none without one).
     return_intermediates: also return the scales and the per-scale diagnostics.
     conv_impl: how convolutions run.
     mesh: split the samples over this mesh's 'data' axis (``parallel.make_mesh()``: every
@@ -407,8 +457,17 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
   h, w = validation.size(spec.image_size if image_size is None else image_size, "image_size")
   if spec.levels and spec.mode == wavelets.PERIODIZATION:
     wavelets.check_size(h, w, spec.levels)
+  rec = params.sampling
+  if isinstance(low_rescale, str):
+    if low_rescale != MODEL:
+      raise ValueError(f"low_rescale must be (lo, hi), None or 'model', got {low_rescale!r}")
+    low_rescale = rec.low_rescale if rec is not None else None
   if low_rescale is not None:
     low_rescale = validation.float_range(low_rescale, "low_rescale")
+  if low_config is None:
+    low_config = rec.low if rec is not None else RELEASE_LOW
+  if cond_config is None and rec is not None:
+    cond_config = rec.cond
   _check_config(low_config, "low_config")
   shape = (h // 2 ** spec.levels, w // 2 ** spec.levels, spec.channels)
   low, low_info = _global_ascent(keys, params, shape, low_config, conv_impl, mesh)
@@ -433,7 +492,7 @@ def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array
     low_res: (B, h, w, C) the normalised low-pass x_J (local averages, pixel units), e.g.
       ``wavelets.decompose(images, J).low``.
     cond_config: one ``AscentConfig`` / ``FlowConfig`` or one per level (finest first);
-      default the release's ascents.
+      default the model's recommendation, else the release's ascents.
     return_intermediates: also return [x_J, ..., x_0] and the per-level diagnostics.
     conv_impl: how convolutions run.
     mesh: split the batch over this mesh's 'data' axis; default: the mesh ``low_res`` is
@@ -458,6 +517,8 @@ def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array
         f"low_res has the model's full image size {s[0]}x{s[1]}; pass its {spec.levels}-level "
         f"low-pass ({s[0] // 2 ** spec.levels}x{s[1] // 2 ** spec.levels}), e.g. "
         f"wcdm_jax.decompose(images, {spec.levels}).low")
+  if cond_config is None and params.sampling is not None:
+    cond_config = params.sampling.cond
   keys = validation.keys(key, low_res.shape[0])
   mesh = parallel.resolve_mesh(mesh, low_res)
   keys, params, low_res = parallel.onto(mesh, keys, params, low_res)
