@@ -89,6 +89,24 @@ def main(argv):
   conds = [dataclasses.replace(cond, sigma_L=FLAGS.cond_sigma_L_finest)
            if j == 0 and FLAGS.cond_sampler == "ascent" else cond
            for j in range(params.spec.levels)]
+  # A model with recommended settings (sampling.json, e.g. an imported release model) samples
+  # with them unless a flag of that scale is given.
+  given = lambda *names: any(common.set_explicitly(FLAGS, n) for n in names if n in FLAGS)
+  flag_names = lambda cls, prefix: flagdefs.flag_names(cls, prefix).values()
+  if params.sampling is not None:
+    if not given("low_sampler", "flip_average", *flag_names(sampling.AscentConfig, "low_"),
+                 *flag_names(sampling.FlowConfig, "low_flow_")):
+      low_cfg = None
+    if not given("cond_sampler", "flip_average", "cond_sigma_L_finest",
+                 *flag_names(sampling.AscentConfig, "cond_"),
+                 *flag_names(sampling.FlowConfig, "cond_flow_")):
+      conds = None
+    if not given("low_rescale"):
+      rescale = sampling.MODEL
+    common.log(f"{FLAGS.model} recommends its sampling settings (sampling.json); used for "
+               + ", ".join(k for k, v in (("the low-pass", low_cfg), ("the details", conds),
+                                          ("the rescale", rescale)) if v in (None, sampling.MODEL))
+               + " (flags override them)")
   job = tasks.SampleJob(FLAGS.num_samples, FLAGS.seed, FLAGS.image_size, low_cfg, conds, rescale,
                         FLAGS.images, FLAGS.num_images, FLAGS.crop, sigmas, FLAGS.time_repeats)
   try:

@@ -25,7 +25,7 @@ class SampleJob:
   image_size: int = 0                 # 0: the model's training size
   low_config: Any = None              # sampling.AscentConfig; None: the release's
   cond_config: Any = None             # one AscentConfig (or one per level, finest first)
-  low_rescale: tuple[float, float] | None = None
+  low_rescale: tuple[float, float] | None | str = None  # 'model': the model's recommendation
   images: str = ""                    # super-resolution and denoising examples ('' = none)
   num_images: int = 4
   crop: str = "none"
@@ -41,11 +41,14 @@ def write_samples(params, out: str, job: SampleJob, mesh=None) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import wcdm_jax  # pylint: disable=g-import-not-at-top
   from wcdm_jax import data, evaluation, reporting, sampling  # pylint: disable=g-import-not-at-top
-  spec = params.spec
-  low_cfg = job.low_config or sampling.RELEASE_LOW
-  cond = job.cond_config or [sampling.RELEASE_COND_FINEST] + [sampling.RELEASE_COND] * (
-      spec.levels - 1)
+  spec, rec = params.spec, params.sampling
+  low_cfg = job.low_config or (rec.low if rec is not None else sampling.RELEASE_LOW)
+  cond = job.cond_config or (rec.cond if rec is not None and rec.cond else [
+      sampling.RELEASE_COND_FINEST] + [sampling.RELEASE_COND] * (spec.levels - 1))
   conds = list(cond) if isinstance(cond, (list, tuple)) else [cond] * spec.levels
+  rescale = job.low_rescale
+  if rescale == sampling.MODEL:
+    rescale = rec.low_rescale if rec is not None else None
   size = (job.image_size,) * 2 if job.image_size else spec.image_size
   if spec.levels and spec.mode == wcdm_jax.wavelets.PERIODIZATION:
     try:  # before anything is written
@@ -101,7 +104,7 @@ def write_samples(params, out: str, job: SampleJob, mesh=None) -> dict:
                f"({spec.levels} levels)")
     run = lambda: sampling.sample(
         jax.random.key(job.seed), params, job.num_samples, image_size=size,
-        low_config=low_cfg, cond_config=conds, low_rescale=job.low_rescale,
+        low_config=low_cfg, cond_config=conds, low_rescale=rescale,
         return_intermediates=True, mesh=mesh)
     images, scales, infos = run()
     images.block_until_ready()

@@ -95,6 +95,27 @@ def test_sample_with_the_flow_then_judge_by_swd(tiny_model, tmp_path):
   assert bad.returncode != 0 and "--low_flow_num_steps=1: num_steps must be >= 2" in bad.stderr
 
 
+def test_sample_tool_uses_the_models_recommendation(tiny_model, tmp_path):
+  """A model directory with sampling.json samples with it when no sampler flag is given."""
+  import shutil
+  from wcdm_jax import checkpoints, sampling
+  model = tmp_path / "model"
+  shutil.copytree(tiny_model, model)
+  flow = sampling.FlowConfig(num_steps=4, mean_0=0.5)
+  checkpoints.write_sampling(str(model), sampling.Recommended(flow, (flow,), (0.0, 0.5)))
+  res = _run("sample.py", f"--model={model}", f"--out={tmp_path / 'a'}", "--num_samples=2")
+  assert "recommends its sampling settings" in res.stdout
+  with open(tmp_path / "a" / "samples.json") as f:
+    assert [s["steps"] for s in json.load(f)["sampling"]] == [[3, 3], [3, 3]]
+  low = np.load(tmp_path / "a" / "samples.npz")["scale_0"].reshape(2, -1)
+  np.testing.assert_allclose(low.max(1), 0.5, atol=1e-6)
+  # A flag of a scale overrides the recommendation for that scale only.
+  _run("sample.py", f"--model={model}", f"--out={tmp_path / 'b'}", "--num_samples=2",
+       "--low_max_steps=5", "--nolow_ascending", "--low_rescale=0,0.8")
+  with open(tmp_path / "b" / "samples.json") as f:
+    assert [s["steps"] for s in json.load(f)["sampling"]] == [[5, 5], [3, 3]]
+
+
 def _psnr(x, ref):
   mse = np.mean((np.asarray(x, np.float64) - ref) ** 2, axis=(1, 2, 3))
   return float(np.mean(10 * np.log10(1.0 / mse)))
