@@ -31,5 +31,5 @@ test-fast: setup
 # The documentation site (Sphinx + MyST, API reference from the docstrings) into docs/_build/html;
 # warnings (a broken cross-reference, a malformed docstring) fail the build.
 docs: setup
-	@$(PY) -c "import sphinx, myst_parser, furo" 2>/dev/null || { echo "make docs needs the docs extra: $(PY) -m pip install -e '.[docs]'"; exit 1; }
+	@$(PY) -c "import sphinx, myst_nb, furo" 2>/dev/null || { echo "make docs needs the docs extra: $(PY) -m pip install -e '.[docs]'"; exit 1; }
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html

@@ -1,9 +1,19 @@
 """Writes colabs/pretrained_demo.ipynb from the cells below (keeps the notebook reviewable).
 
-  python colabs/make_pretrained_demo.py
+  python colabs/make_pretrained_demo.py            # the cells, without outputs
+  python colabs/make_pretrained_demo.py --execute  # run them here (CPU, the reduced settings,
+                                                   # ../shared's weights) and store the outputs
+
+With --execute every code cell runs in order in this process; what it prints and the figures
+it shows are stored as the cell's outputs (text and PNG), so that the notebook renders with
+its results on GitHub and in the docs.
 """
+import base64
+import contextlib
+import io
 import json
 import os
+import sys
 
 CELLS = [
     ("markdown", """# wcdm_jax: the authors' released denoisers in JAX
@@ -14,13 +24,25 @@ models of images* (Kadkhodaie, Guth, Mallat, Simoncelli, ICLR 2023), then denois
 Runs top to bottom on a CPU runtime with the reduced settings below; set `SMALL = False` on a GPU/TPU
 runtime for the release's sampling settings."""),
     ("code", """# On Colab: !pip install -q "wcdm_jax @ git+<this repository's URL>"
-import os
+import os, subprocess
 import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
 import wcdm_jax
 from wcdm_jax import data, evaluation, pretrained, sampling"""),
-    ("markdown", "## Parameters\n`RELEASE_DIR`: the folder of the release (`lcv-denoisers/`, holding `flat/` and `multi_scale/`)."),
-    ("code", """RELEASE_DIR = os.environ.get("WCDM_RELEASE", "/content/lcv-denoisers")
+    ("markdown", """## Parameters and the weights
+`RELEASE_DIR`: a local folder of the release (holding `flat/` and `multi_scale/`), from
+`$WCDM_RELEASE` or `../shared/reference/lcv-denoisers`; when there is none (a Colab runtime), the
+authors' public repository is cloned, whose `denoisers/` folder holds the same weights."""),
+    ("code", """AUTHORS_REPO = "https://github.com/LabForComputationalVision/local-probability-models-of-images"
+candidates = [os.environ.get("WCDM_RELEASE", ""), "../shared/reference/lcv-denoisers",
+              "../../shared/reference/lcv-denoisers", "/content/lcv/denoisers"]
+RELEASE_DIR = next((c for c in candidates if c and os.path.isdir(c)), None)
+if RELEASE_DIR is None:
+  subprocess.run(["git", "clone", "-q", "--depth", "1", AUTHORS_REPO, "/content/lcv"], check=True)
+  RELEASE_DIR = "/content/lcv/denoisers"
+  print("weights: cloned from", AUTHORS_REPO)
+else:
+  print("weights: the local folder", RELEASE_DIR)
 IMAGES = os.environ.get("WCDM_IMAGES", "embedded")   # or "folder:/content/celeba" (aligned CelebA)
 SMALL = os.environ.get("WCDM_SMALL", "1") == "1"     # reduced settings for a CPU runtime
 TINY = os.environ.get("WCDM_TINY", "0") == "1"       # CI: a few steps only, to check the notebook runs
@@ -93,7 +115,7 @@ or the multi-scale denoiser (low-pass net, then the conditional nets). A batch r
 each image stops on its own, and a final projection makes the result match the measurements exactly.
 Below: a 40x40 hole and 10% random projections (compressive sensing)."""),
     ("code", """from wcdm_jax import inverse
-INV_STEPS = 6 if TINY else 3000
+INV_STEPS = 6 if TINY else (400 if SMALL else 3000)
 tasks = {"40x40 hole": inverse.Inpainting(inverse.box_mask((160, 160), 40)),
          "10% projections": inverse.RandomProjection(0.1, jax.random.key(5), (160, 160, 1))}
 rows = []
@@ -109,6 +131,36 @@ show(rows, ["original", "M M^T x", "flat RF43 prior", "multi-scale RF13 prior"])
 ]
 
 
+def _execute(nb: dict) -> None:
+  """Run the code cells in order in one namespace; store stdout and shown figures as outputs."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  shown = []
+
+  def show(*args, **kwargs):  # plt.show: keep the figure as PNG
+    del args, kwargs
+    buf = io.BytesIO()
+    plt.gcf().savefig(buf, format="png", dpi=72, bbox_inches="tight")
+    plt.close("all")
+    shown.append(base64.b64encode(buf.getvalue()).decode())
+  plt.show = show
+  scope = {"__name__": "__main__"}
+  for count, cell in enumerate((c for c in nb["cells"] if c["cell_type"] == "code"), 1):
+    out = io.StringIO()
+    del shown[:]
+    with contextlib.redirect_stdout(out):
+      exec(compile("".join(cell["source"]), f"cell {count}", "exec"), scope)  # pylint: disable=exec-used
+    outputs = []
+    if out.getvalue():
+      outputs.append({"output_type": "stream", "name": "stdout",
+                      "text": out.getvalue().splitlines(keepends=True)})
+    outputs += [{"output_type": "display_data", "metadata": {},
+                 "data": {"image/png": png, "text/plain": ["<Figure>"]}} for png in shown]
+    cell.update(outputs=outputs, execution_count=count)
+    print(f"cell {count}: {len(outputs)} outputs", file=sys.stderr)
+
+
 def main():
   nb = {"nbformat": 4, "nbformat_minor": 5,
         "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3"},
@@ -119,6 +171,9 @@ def main():
     if kind == "code":
       cell.update(outputs=[], execution_count=None)
     nb["cells"].append(cell)
+  if "--execute" in sys.argv[1:]:
+    os.chdir(os.path.dirname(os.path.abspath(__file__)))  # ../shared is the repository's sibling
+    _execute(nb)
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained_demo.ipynb")
   with open(path, "w") as f:
     json.dump(nb, f, indent=1)

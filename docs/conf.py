@@ -9,12 +9,13 @@ author = "the wcdm_jax authors"
 copyright = "2026, the wcdm_jax authors"  # pylint: disable=redefined-builtin
 release = "0.1.0"
 
-extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon",
-              "sphinx.ext.viewcode"]
-source_suffix = {".md": "markdown"}
+# myst_nb: MyST Markdown pages and the Colab notebook, shown with its stored outputs (the build
+# never executes it: it needs the released weights).
+extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.viewcode"]
+nb_execution_mode = "off"
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
-exclude_patterns = ["_build", "figures/*.md"]
+exclude_patterns = ["_build", "figures/*.md", "jupyter_execute"]
 html_theme = "furo"
 html_title = "wcdm_jax"
 autodoc_member_order = "bysource"
@@ -54,5 +55,14 @@ def _check_public_names(app):
                       "sections")
 
 
+def _copy_notebook(app):
+  """The Colab (colabs/, outside the docs' source) as docs/_generated/pretrained_demo.ipynb."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.join(app.srcdir, "_generated"), exist_ok=True)
+  shutil.copyfile(os.path.join(app.srcdir, "..", "colabs", "pretrained_demo.ipynb"),
+                  os.path.join(app.srcdir, "_generated", "pretrained_demo.ipynb"))
+
+
 def setup(app):
+  app.connect("builder-inited", _copy_notebook)
   app.connect("builder-inited", _check_public_names)

@@ -45,7 +45,7 @@ def test_examples_run(page, toy_model):
 @pytest.mark.slow
 def test_docs_site_builds_without_warnings(tmp_path):
   pytest.importorskip("sphinx")
-  pytest.importorskip("myst_parser")
+  pytest.importorskip("myst_nb")
   pytest.importorskip("furo")
   res = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-E", "-b",
                         "html", os.path.join(REPO, "docs"), str(tmp_path / "html")],

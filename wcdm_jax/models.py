@@ -396,11 +396,13 @@ def apply_net(spec: NetSpec, variables: Variables, x: jax.Array, *, conv_impl: s
 class ModelParams:
   """Everything sampling and denoising need: the spec (static) and each net's variables.
 
-  low: variables of the low-pass net (or of the flat net when ``spec.levels == 0``).
-  conditionals: variables of the conditional nets, level 0 (finest) first.
-  sampling: the model's recommended sampling settings (``sampling.Recommended``), used by
-    ``sample`` and ``super_resolve`` where an argument does not override them; None: the
-    library's defaults.
+  Attributes:
+    low: variables of the low-pass net (or of the flat net when ``spec.levels == 0``).
+    conditionals: variables of the conditional nets, level 0 (finest) first.
+    spec: the architecture (static: a change recompiles).
+    sampling: the model's recommended sampling settings (``sampling.Recommended``, static),
+      used by ``sample`` and ``super_resolve`` where an argument does not override them;
+      None: the library's defaults.
   """
   low: Variables
   conditionals: tuple[Variables, ...]
