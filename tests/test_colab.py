@@ -31,3 +31,17 @@ def test_pretrained_demo_runs(monkeypatch):
   assert len(scope["rows"]) == 2 and scope["x_ms"].shape == (2, 160, 160, 1)
   op = scope["op"]
   assert float(abs(op.forward(scope["x_ms"]) - op.forward(scope["x160"])).max()) < 1e-4
+
+
+def test_notebook_is_its_generators_output():
+  """The committed notebook holds exactly the generator's cells (outputs aside): edit
+  colabs/make_pretrained_demo.py, then run it with --execute."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "make_pretrained_demo", os.path.join(REPO, "colabs", "make_pretrained_demo.py"))
+  gen = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(gen)
+  with open(os.path.join(REPO, "colabs", "pretrained_demo.ipynb")) as f:
+    nb = json.load(f)
+  assert [(c["cell_type"], "".join(c["source"])) for c in nb["cells"]] == [
+      (kind, text) for kind, text in gen.CELLS]

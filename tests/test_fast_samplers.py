@@ -12,7 +12,7 @@ import wcdm_jax
 from test_sampling import N, POWER, _radial, _toy_residual, gaussian_residual
 from wcdm_jax import inverse, models, sampling
 
-HEUN = sampling.FlowConfig(method="heun", num_steps=18, sigma_max=3.0, sigma_min=0.005)
+HEUN = sampling.FlowConfig(method="heun", num_steps=18, sigma_max=3.0, sigma_min=0.005, churn=0.0)
 
 
 def _power_ratio(cfg, num=500):

@@ -79,17 +79,25 @@ class FlowConfig:
 
   churn >= 0: EDM's stochastic variant; before each step the noise is raised from sigma to
   sigma (1 + churn) with fresh Gaussian noise (0: the deterministic ODE).
+
+  sigma_max: the ODE is exact only from p_data * N(0, sigma_max^2), which N(mean_0,
+  sigma_max^2) approximates only where sigma_max dominates the data's variance in every
+  component; natural images' low frequencies hold far more (a 40x40 face low-pass: a DC
+  component of std ~11 in an orthonormal basis), while the released nets were trained up to
+  sigma = 1 and extrapolate badly far beyond it. The defaults (sigma_max 3, churn 0.1) measured
+  best on the released CelebA model's low-pass (``benchmarks/bench_sample_quality.py``,
+  docs/sampling.md); sigma_max = 1 leaves samples with a third of the data's contrast.
   Cost: Heun 2 (num_steps - 1) + 1 denoiser evaluations, Euler num_steps (x 2 with
   flip_average). Every sample takes the same steps: there is no stop rule.
   """
   method: str = setting("heun", "ODE solver: heun (2nd order) or euler.", choices=("heun", "euler"))
   num_steps: int = setting(18, "Noise levels of the schedule (Heun: 2 num_steps - 1 denoiser "
                            "evaluations, Euler: num_steps).")
-  sigma_max: float = setting(1.0, "Std of the initial state (the schedule's start).")
+  sigma_max: float = setting(3.0, "Std of the initial state (the schedule's start).")
   sigma_min: float = setting(0.01, "The schedule's last noise level, removed by a final "
                              "denoising step.")
   rho: float = setting(7.0, "Schedule exponent (large: more steps at small noise levels).")
-  churn: float = setting(0.0, "Noise re-injected per step, relative to sigma (0: deterministic).")
+  churn: float = setting(0.1, "Noise re-injected per step, relative to sigma (0: deterministic).")
   mean_0: float = setting(0.0, "Mean of the initial state.")
   abort_ratio: float = setting(2.0, "Stop and flag a sample whose noise estimate exceeds this "
                                "multiple of the schedule's sigma (it diverges).")
