@@ -75,7 +75,8 @@ class FlowConfig:
   (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, with Euler or Heun (2nd order) steps, and ends
   with one denoising step D(y) at sigma_min. A blind net takes no noise level: the schedule's
   sigma stands in for it in the update, and the net's own estimate ||f(y)|| / sqrt(N) is
-  recorded (``AscentInfo.sigmas``) and guards against divergence (``abort_ratio``).
+  recorded (``AscentInfo.sigmas``) and guards against divergence (``abort_ratio``: an
+  estimate above abort_ratio * sigma_max).
 
   churn >= 0: EDM's stochastic variant; before each step the noise is raised from sigma to
   sigma (1 + churn) with fresh Gaussian noise (0: the deterministic ODE).
@@ -99,8 +100,8 @@ class FlowConfig:
   rho: float = setting(7.0, "Schedule exponent (large: more steps at small noise levels).")
   churn: float = setting(0.1, "Noise re-injected per step, relative to sigma (0: deterministic).")
   mean_0: float = setting(0.0, "Mean of the initial state.")
-  abort_ratio: float = setting(2.0, "Stop and flag a sample whose noise estimate exceeds this "
-                               "multiple of the schedule's sigma (it diverges).")
+  abort_ratio: float = setting(1.5, "Stop and flag a sample whose noise estimate exceeds this "
+                               "multiple of sigma_max (it diverges).")
   flip_average: bool = setting(False, "Average each step's residual with the mirrored "
                                "state's (Haar for the conditional scales).")
 
@@ -348,7 +349,10 @@ def _flow_step(keys, residual_fn, cfg: FlowConfig):
     if cfg.method == "heun":
       y_new = y + (s_next - s) * 0.5 * (f / s + residual_fn(y_new) / s_next)
     sigma = rms(f)
-    return y_new, sigma, jnp.full(sigma.shape, t >= cfg.max_steps), sigma > cfg.abort_ratio * s
+    # Diverging: the estimate grows past the start's (not: above the schedule's sigma, which a
+    # net's own error floor exceeds near sigma_min).
+    bad = sigma > cfg.abort_ratio * cfg.sigma_max * (1.0 + cfg.churn)
+    return y_new, sigma, jnp.full(sigma.shape, t >= cfg.max_steps), bad
   return step
 
 
