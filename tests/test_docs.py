@@ -9,7 +9,10 @@ import jax
 import pytest
 
 from conftest import REPO
-from wcdm_jax import checkpoints, models
+import dataclasses
+
+from wcdm_jax import checkpoints, models, sampling
+from wcdm_jax.inverse import solver
 
 # Pages whose ```python blocks run, in order, in one namespace per page. Exempt (shown, not
 # run): docs/accelerators.md (multi-host and TPU/GPU commands) and the experiment logs.
@@ -18,11 +21,15 @@ RUN = ["README.md", "docs/usage.md", "docs/sampling.md"]
 
 @pytest.fixture(scope="module")
 def toy_model(tmp_path_factory):
-  """A J = 1 model of the quickstart's shapes (64x64) but tiny nets, random weights."""
+  """A J = 1 model of the quickstart's shapes (64x64) but tiny nets, random weights; it
+  recommends short ascents (a random net never meets a stop rule)."""
   spec = models.multiscale_spec(1, cond_rf=5, low_rf=5, image_size=(64, 64), num_layers=3,
                                 low_num_layers=3, features=4)
   path = str(tmp_path_factory.mktemp("quickstart"))
-  checkpoints.save_model(path, models.init_model(jax.random.key(0), spec))
+  short = dataclasses.replace(sampling.RELEASE_COND, max_steps=20)
+  params = models.init_model(jax.random.key(0), spec)
+  checkpoints.save_model(path, dataclasses.replace(params, sampling=sampling.Recommended(
+      dataclasses.replace(sampling.RELEASE_LOW, max_steps=20), (short,))))
   return path
 
 
@@ -32,7 +39,13 @@ def _blocks(page):
 
 
 @pytest.mark.parametrize("page", RUN)
-def test_examples_run(page, toy_model):
+def test_examples_run(page, toy_model, monkeypatch):
+  # inverse.solve's default step cap, shortened for the random net.
+  names = [f.name for f in dataclasses.fields(solver.SolverConfig)]
+  defaults = list(solver.SolverConfig.__init__.__defaults__)
+  defaults[names.index("max_steps") - (len(names) - len(defaults))] = 20
+  monkeypatch.setattr(solver.SolverConfig.__init__, "__defaults__", tuple(defaults))
+  assert solver.SolverConfig().max_steps == 20
   blocks = _blocks(page)
   assert blocks, f"{page} has no Python example"
   ns = {}
