@@ -18,7 +18,8 @@ import wcdm_jax
 TINY = ["--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5", "--num_layers=3",
         "--low_num_layers=3", "--features=4", "--batch_size=8", "--num_steps=4",
         "--log_every=1", "--eval_every=2", "--checkpoint_every=2", "--noise_max=50",
-        "--eval_fraction=0.25", "--data_workers=1", "--level_multiplier=1", "--keep_checkpoints=5"]
+        "--eval_fraction=0.25", "--data_workers=1", "--level_multiplier=1", "--keep_checkpoints=5",
+        "--nofigure", "--eval_batch_size=4"]
 
 
 _STARTED = []
