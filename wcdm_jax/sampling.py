@@ -85,9 +85,11 @@ class FlowConfig:
   sigma_max^2) approximates only where sigma_max dominates the data's variance in every
   component; natural images' low frequencies hold far more (a 40x40 face low-pass: a DC
   component of std ~11 in an orthonormal basis), while the released nets were trained up to
-  sigma = 1 and extrapolate badly far beyond it. The defaults (sigma_max 3, churn 0.1) measured
-  best on the released CelebA model's low-pass (``benchmarks/bench_sample_quality.py``,
-  docs/sampling.md); sigma_max = 1 leaves samples with a third of the data's contrast.
+  sigma = 1 and extrapolate badly far beyond it: sigma_max = 1 leaves samples with a third of
+  the data's contrast, sigma_max >= 5 too much. The defaults (sigma_max 3, churn 0.1) score
+  best by the patch SWD on the released CelebA model, but its faces are visibly distorted
+  where the ascent's are not (docs/sampling.md): an experimental sampler for nets trained on
+  that noise range.
   Cost: Heun 2 (num_steps - 1) + 1 denoiser evaluations, Euler num_steps (x 2 with
   flip_average). Every sample takes the same steps: there is no stop rule.
   """
