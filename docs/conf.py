@@ -15,7 +15,7 @@ extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ex
 nb_execution_mode = "off"
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
-exclude_patterns = ["_build", "figures/*.md", "jupyter_execute"]
+exclude_patterns = ["_build", "figures/*.md", "jupyter_execute", "_generated/*.md"]
 html_theme = "furo"
 html_title = "wcdm_jax"
 autodoc_member_order = "bysource"
@@ -63,6 +63,41 @@ def _copy_notebook(app):
                   os.path.join(app.srcdir, "_generated", "pretrained_demo.ipynb"))
 
 
+_FLAGS_SCRIPT = r"""
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+from absl import flags
+name = sys.argv[2]
+module = importlib.import_module("launch." + name)
+rows = []
+for f in sorted(flags.FLAGS.get_flags_for_module(module.__name__), key=lambda f: f.name):
+  d = f.default
+  d = "" if d is None else ",".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+  rows.append([f.name, d, f.help])
+print(json.dumps(rows))
+"""
+
+
+def _flag_tables(app):
+  """docs/_generated/flags_<script>.md: each entry point's flags, from their own help text."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  repo = os.path.abspath(os.path.join(app.srcdir, ".."))
+  for script in ("train", "sample", "evaluate", "solve", "reproduce", "import_lcv"):
+    res = subprocess.run([sys.executable, "-c", _FLAGS_SCRIPT, repo, script],
+                         capture_output=True, text=True, check=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    cell = lambda t: t.replace("|", "\\|").replace("\n", " ")
+    text = (f"## `launch/{script}.py`\n\n| flag | default | help |\n|---|---|---|\n" +
+            "".join(f"| `--{cell(n)}` | " + (f"`{cell(d)}`" if d else "–") + f" | {cell(h)} |\n"
+                    for n, d, h in rows))
+    with open(os.path.join(app.srcdir, "_generated", f"flags_{script}.md"), "w",
+              encoding="utf-8") as f:
+      f.write(text)
+
+
 def setup(app):
   app.connect("builder-inited", _copy_notebook)
+  app.connect("builder-inited", _flag_tables)
   app.connect("builder-inited", _check_public_names)
