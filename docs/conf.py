@@ -97,7 +97,26 @@ def _flag_tables(app):
       f.write(text)
 
 
+def _settings_docs(app, what, name, obj, options, lines):  # pylint: disable=unused-argument
+  """A config dataclass's fields, documented from their one definition (``settings.setting``:
+  the same help the CLIs' flags show)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import settings  # pylint: disable=g-import-not-at-top
+  if what != "class" or not dataclasses.is_dataclass(obj):
+    return
+  fields = settings.fields(obj)
+  if not fields:
+    return
+  lines += ["", "**Settings** (each also a flag of the CLIs that take this config):", ""]
+  for f in fields:
+    default = "None" if f.default is None else repr(f.default)
+    choices = f" One of {', '.join(map(repr, f.choices))}." if f.choices else ""
+    lines.append(f"- ``{f.name}`` (default ``{default}``): {f.help}{choices}")
+  lines.append("")
+
+
 def setup(app):
+  app.connect("autodoc-process-docstring", _settings_docs)
   app.connect("builder-inited", _copy_notebook)
   app.connect("builder-inited", _flag_tables)
   app.connect("builder-inited", _check_public_names)
