@@ -99,6 +99,8 @@ def write_spec(directory: str, spec: models.ModelSpec) -> None:
 
 
 def read_spec(directory: str) -> models.ModelSpec:
+  """The ``ModelSpec`` of a model directory (DIR/spec.json); an error naming the file when it is
+  missing or not a spec."""
   path = os.path.join(directory, SPEC_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {directory!r} is not a wcdm_jax model directory "

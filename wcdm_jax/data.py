@@ -165,6 +165,8 @@ def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
 
 
 def crop_image(x: np.ndarray, crop: str) -> np.ndarray:
+  """The crop of a (H, W, C) image named by ``crop`` ('none', 'celeba': the paper's, 'center':
+  the central square)."""
   h, w = x.shape[:2]
   if crop == "none":
     return x
@@ -226,6 +228,7 @@ class Source:
     return np.random.default_rng([self.seed, _SPLIT_IDS[self.split], *keys])
 
   def batch(self, step: int) -> np.ndarray:
+    """Batch ``step``: (B, S, S, C) float32, a pure function of the source's seed and ``step``."""
     raise NotImplementedError
 
 
@@ -242,6 +245,7 @@ class CropSource(Source):
                        f"{cfg.source!r} source crops at random: use crop='none'")
 
   def batch(self, step: int) -> np.ndarray:
+    """Batch ``step``: (B, S, S, C) float32, a pure function of the source's seed and ``step``."""
     s, c = self.cfg.image_size, self.images[0].shape[-1]
     rng = self._rng(step)
     out = np.empty((self.batch_size, s, s, c), np.float32)
@@ -317,6 +321,7 @@ class ArraySource(Source):
     return np.asarray([self._order[p] for p in range(start, start + self.batch_size)], np.int64)
 
   def batch(self, step: int) -> np.ndarray:
+    """Batch ``step``: (B, S, S, C) float32, a pure function of the source's seed and ``step``."""
     idx = self.indices(step)[self.host_slice]
     out = self.fetch(idx)
     if self.cfg.flips and self.split == "train":
@@ -325,6 +330,7 @@ class ArraySource(Source):
 
 
 def list_images(folder: str) -> list[str]:
+  """The image files under ``folder`` (recursively), sorted by path."""
   if not os.path.isdir(folder):
     raise ValueError(f"image folder {folder!r} does not exist (or is not a folder)")
   files = sorted(f for f in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
@@ -401,6 +407,7 @@ class FolderReader:
     self.bad: dict[int, str] = {}
 
   def read(self, i: int) -> np.ndarray:
+    """The preprocessed image of file ``i``."""
     n = len(self.files)
     for k in range(n):
       j = (i + k) % n

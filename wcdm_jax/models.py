@@ -98,18 +98,22 @@ class NetSpec:
 
 def flat_spec(rf: int = 43, channels: int = 1, num_layers: int = 21, features: int = 64,
               first_relu: bool = False) -> NetSpec:
+  """The ``NetSpec`` of a flat denoiser of receptive field ``rf``."""
   return NetSpec("flat", channels, channels, kernel_sizes_for_rf(rf, num_layers), features,
                  first_relu)
 
 
 def low_spec(levels: int, rf: int = 41, channels: int = 1, num_layers: int = 20,
              features: int = 64, first_relu: bool = False) -> NetSpec:
+  """The ``NetSpec`` of the low-pass net of a ``levels``-level model."""
   return NetSpec("low", channels, channels, kernel_sizes_for_rf(rf, num_layers), features,
                  first_relu, level=levels)
 
 
 def cond_spec(level: int, rf: int = 9, channels: int = 1, num_layers: int = 21,
               features: int = 64, first_relu: bool = False) -> NetSpec:
+  """The ``NetSpec`` of the conditional net of ``level`` (input: low-pass and details, output:
+  details)."""
   return NetSpec("cond", 4 * channels, 3 * channels, kernel_sizes_for_rf(rf, num_layers),
                  features, first_relu, level=level)
 
@@ -159,6 +163,7 @@ class ModelSpec:
     return h // 2 ** k, w // 2 ** k
 
   def to_json(self) -> str:
+    """The spec as JSON (``from_json`` reads it back)."""
     return json.dumps(dataclasses.asdict(self), indent=1)
 
   @classmethod

@@ -72,6 +72,7 @@ def target_name(kernel: str, variant: str) -> str:
 
 
 def cache_dir() -> str:
+  """Where compiled kernels are cached ($WCDM_JAX_CACHE, else ~/.cache/wcdm_jax)."""
   return os.environ.get("WCDM_JAX_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "wcdm_jax")
 

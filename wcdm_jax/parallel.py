@@ -60,10 +60,12 @@ def data_size(mesh: Mesh) -> int:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """A ``NamedSharding`` splitting an array's first (batch) axis over the mesh's 'data' axis."""
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A ``NamedSharding`` placing a whole array on every device of the mesh."""
   return NamedSharding(mesh, P())
 
 

@@ -98,6 +98,7 @@ class Batches:
     return batch
 
   def close(self) -> None:
+    """Stop the workers and release their resources."""
     close = getattr(self._it, "close", None)
     if close is not None:
       close()

@@ -20,6 +20,7 @@ class ProgressBar:
     self.start, self.n, self.postfix = time.time(), 0, ""
 
   def update(self, n: int, postfix: str = "") -> None:
+    """Show ``done`` of the total."""
     self.n, self.postfix = n, postfix or self.postfix
     if not self.enabled:
       return
@@ -32,6 +33,7 @@ class ProgressBar:
     self.stream.flush()
 
   def close(self) -> None:
+    """End the bar's line."""
     if self.enabled:
       self.stream.write("\n")
       self.stream.flush()
@@ -47,6 +49,7 @@ class MetricsWriter:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
   def write(self, step: int, **metrics) -> None:
+    """Append one record as a JSON line."""
     if not self.enabled:
       return
     row = {"step": int(step), "time": time.time()}
@@ -65,11 +68,13 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 def read_metrics(path: str) -> list[dict]:
+  """The records of a metrics.jsonl file, one dict per line."""
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
+  """Images in [0, 1] as uint8 (clipped, rounded)."""
   return (np.clip(np.asarray(img, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -95,6 +100,7 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, upscale: int 
 
 
 def save_png(path: str, image: np.ndarray) -> str:
+  """Write an image array as a PNG; returns the path."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   arr = image if image.dtype == np.uint8 else to_uint8(image)
   if arr.ndim == 3 and arr.shape[-1] == 1:

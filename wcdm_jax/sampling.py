@@ -159,6 +159,7 @@ class Recommended:
   low_rescale: tuple[float, float] | None = None
 
   def to_json(self) -> str:
+    """The settings as JSON (``from_json`` reads them back; DIR/sampling.json)."""
     enc = lambda c: {"sampler": "flow" if isinstance(c, FlowConfig) else "ascent",
                      **dataclasses.asdict(c)}
     return json.dumps({"low": enc(self.low),

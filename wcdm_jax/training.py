@@ -207,6 +207,7 @@ def _net_steps(spec: models.ModelSpec, name: str, cfg: TrainConfig, steps: int) 
 
 
 def net_num_steps(spec: models.ModelSpec, name: str, cfg: TrainConfig) -> int:
+  """The number of steps net ``name`` trains for under ``cfg`` (level multipliers applied)."""
   return _net_steps(spec, name, cfg, cfg.num_steps)
 
 
@@ -278,6 +279,7 @@ class TrainState:
     return self.ema if self.ema is not None else self.variables()
 
   def as_dict(self) -> dict[str, Any]:
+    """The state as a plain dict (what a checkpoint stores)."""
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     for optional in ("ema", "loss_stats"):  # runs without keep the layout they always had
       if d[optional] is None:

@@ -87,6 +87,7 @@ class Operator:
 
   # --- shapes and checks ---------------------------------------------------------------------
   def measurement_shape(self, image_shape: Shape) -> tuple[int, ...]:
+    """The shape of one image's measurements (without the batch axis)."""
     raise NotImplementedError
 
   def image_shape(self, measurement_shape: Sequence[int] | None = None,
@@ -143,6 +144,7 @@ class _Subset(Operator):
     return out.reshape((c.shape[0],) + tuple(self.shape))
 
   def measurement_shape(self, image_shape):
+    """The shape of one image's measurements (without the batch axis)."""
     return (int(self.index.shape[0]),)
 
 
@@ -230,6 +232,7 @@ class BlockAverage(Operator):
     return jnp.repeat(jnp.repeat(c, s, 1), s, 2) / s
 
   def measurement_shape(self, image_shape):
+    """The shape of one image's measurements (without the batch axis)."""
     h, w, c = image_shape
     return (h // self.factor, w // self.factor, c)
 
@@ -318,6 +321,7 @@ class SpectralLowpass(Operator):
     return jnp.fft.ifft2(z.reshape(b, h, w, ch), axes=(1, 2), norm="ortho").real
 
   def measurement_shape(self, image_shape):
+    """The shape of one image's measurements (without the batch axis)."""
     h, w, c = image_shape
     if self.band == "original":
       return (h, w, c)
@@ -418,5 +422,6 @@ class RandomProjection(Operator):
     return jnp.moveaxis(p.reshape(c.shape[0], ch, h, w), 1, 3)
 
   def measurement_shape(self, image_shape):
+    """The shape of one image's measurements (without the batch axis)."""
     m = self.matrix.shape[1] if self.kind == "dense" else self.index.shape[0]
     return (int(m), image_shape[2])
