@@ -41,24 +41,21 @@ def write_samples(params, out: str, job: SampleJob, mesh=None) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import wcdm_jax  # pylint: disable=g-import-not-at-top
   from wcdm_jax import data, evaluation, reporting, sampling  # pylint: disable=g-import-not-at-top
-  spec, rec = params.spec, params.sampling
-  low_cfg = job.low_config or (rec.low if rec is not None else sampling.RELEASE_LOW)
-  cond = job.cond_config or (rec.cond if rec is not None and rec.cond else [
-      sampling.RELEASE_COND_FINEST] + [sampling.RELEASE_COND] * (spec.levels - 1))
-  conds = list(cond) if isinstance(cond, (list, tuple)) else [cond] * spec.levels
-  rescale = job.low_rescale
-  if rescale == sampling.MODEL:
-    rescale = rec.low_rescale if rec is not None else None
+  spec = params.spec
   size = (job.image_size,) * 2 if job.image_size else spec.image_size
   if spec.levels and spec.mode == wcdm_jax.wavelets.PERIODIZATION:
     try:  # before anything is written
       wcdm_jax.wavelets.check_size(*size, spec.levels)
     except ValueError as e:
       raise ValueError(f"--image_size={size[0]}: {e}") from None
-  if (any(c.flip_average for c in [low_cfg] + conds) and spec.levels
+  given = [job.low_config] + list(job.cond_config if isinstance(job.cond_config, (list, tuple))
+                                  else [job.cond_config])
+  if (any(c is not None and c.flip_average for c in given) and spec.levels
       and wcdm_jax.wavelets.mirror_signs(spec.wavelet, spec.channels) is None):
     raise ValueError(f"--flip_average: the conditional scales need a wavelet whose bands "
                      f"mirror with the image (Haar); this model's is {spec.wavelet!r}")
+  low_cfg, conds, rescale = sampling.resolve_settings(params, job.low_config, job.cond_config,
+                                                      job.low_rescale)
   src = None
   if job.images:  # checked before the (long) sampling
     try:

@@ -385,6 +385,36 @@ def _cond_configs(spec: models.ModelSpec, cond: Sampler | Sequence[Sampler] | No
   return cond
 
 
+def resolve_settings(params: models.ModelParams, low_config: Sampler | None = None,
+                     cond_config: Sampler | Sequence[Sampler] | None = None,
+                     low_rescale: tuple[float, float] | None | str = MODEL
+                     ) -> tuple[Sampler, tuple[Sampler, ...], tuple[float, float] | None]:
+  """The settings ``sample`` runs with, checked: arguments first, then the model's
+  recommendation (``params.sampling``), then the release's.
+
+  Returns:
+    (the low-pass sampler, one conditional sampler per level finest first, the low-pass
+    rescale or None).
+
+  Raises:
+    TypeError, ValueError: a config of the wrong type, the wrong number of conditional
+      configs, or a bad ``low_rescale``.
+  """
+  rec = params.sampling
+  if isinstance(low_rescale, str):
+    if low_rescale != MODEL:
+      raise ValueError(f"low_rescale must be (lo, hi), None or 'model', got {low_rescale!r}")
+    low_rescale = rec.low_rescale if rec is not None else None
+  if low_rescale is not None:
+    low_rescale = validation.float_range(low_rescale, "low_rescale")
+  if low_config is None:
+    low_config = rec.low if rec is not None else RELEASE_LOW
+  if cond_config is None and rec is not None:
+    cond_config = rec.cond
+  return (_check_config(low_config, "low_config"), _cond_configs(params.spec, cond_config),
+          low_rescale)
+
+
 def rescale_min_max(x: jax.Array, lo: float, hi: float) -> jax.Array:
   """Per-image affine map of (B, ...) onto [lo, hi] (the release's low-pass rescale)."""
   axes = tuple(range(1, x.ndim))
@@ -472,23 +502,13 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
   h, w = validation.size(spec.image_size if image_size is None else image_size, "image_size")
   if spec.levels and spec.mode == wavelets.PERIODIZATION:
     wavelets.check_size(h, w, spec.levels)
-  rec = params.sampling
-  if isinstance(low_rescale, str):
-    if low_rescale != MODEL:
-      raise ValueError(f"low_rescale must be (lo, hi), None or 'model', got {low_rescale!r}")
-    low_rescale = rec.low_rescale if rec is not None else None
-  if low_rescale is not None:
-    low_rescale = validation.float_range(low_rescale, "low_rescale")
-  if low_config is None:
-    low_config = rec.low if rec is not None else RELEASE_LOW
-  if cond_config is None and rec is not None:
-    cond_config = rec.cond
-  _check_config(low_config, "low_config")
+  low_config, conds, low_rescale = resolve_settings(params, low_config, cond_config,
+                                                    low_rescale)
   shape = (h // 2 ** spec.levels, w // 2 ** spec.levels, spec.channels)
   low, low_info = _global_ascent(keys, params, shape, low_config, conv_impl, mesh)
   if low_rescale is not None:
     low = rescale_min_max(low, *low_rescale)
-  outs, infos = _refine(keys, params, low, _cond_configs(spec, cond_config), conv_impl, mesh)
+  outs, infos = _refine(keys, params, low, conds, conv_impl, mesh)
   if return_intermediates:
     return outs[-1], outs, [low_info] + infos
   return outs[-1]
@@ -532,11 +552,9 @@ def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array
         f"low_res has the model's full image size {s[0]}x{s[1]}; pass its {spec.levels}-level "
         f"low-pass ({s[0] // 2 ** spec.levels}x{s[1] // 2 ** spec.levels}), e.g. "
         f"wcdm_jax.decompose(images, {spec.levels}).low")
-  if cond_config is None and params.sampling is not None:
-    cond_config = params.sampling.cond
+  _, conds, _ = resolve_settings(params, cond_config=cond_config, low_rescale=None)
   keys = validation.keys(key, low_res.shape[0])
   mesh = parallel.resolve_mesh(mesh, low_res)
   keys, params, low_res = parallel.onto(mesh, keys, params, low_res)
-  outs, infos = _refine(keys, params, jnp.asarray(low_res, jnp.float32),
-                        _cond_configs(spec, cond_config), conv_impl, mesh)
+  outs, infos = _refine(keys, params, jnp.asarray(low_res, jnp.float32), conds, conv_impl, mesh)
   return (outs[-1], outs, infos) if return_intermediates else outs[-1]
