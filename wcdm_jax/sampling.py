@@ -317,16 +317,22 @@ def ascent(keys: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], shape
   return y - residual_fn(y), info
 
 
+def ascent_move(keys: jax.Array, y: jax.Array, d: jax.Array, t: jax.Array,
+                cfg: AscentConfig) -> tuple[jax.Array, jax.Array]:
+  """One ascent update of a batch along its residual d (method.md §5): y - h_t d + gamma_t z,
+  z from each sample's key and step t. Returns (the new y, sigma_t = ||d|| / sqrt(N): (B,))."""
+  sigma = rms(d)
+  h = step_size(t, cfg)
+  gamma = noise_amplitude(sigma, h, cfg.beta)
+  return y - h * d + _bcast(gamma, y) * _per_sample_normal(keys, t, y.shape[1:]), sigma
+
+
 def _ascent_step(keys, residual_fn, cfg: AscentConfig):
-  """y <- y - h_t f(y) + gamma_t z (method.md §5); stop once std(y) / sigma_t >= 1 / sigma_L."""
+  """``ascent_move`` along f(y); stop once std(y) / sigma_t >= 1 / sigma_L."""
   snr_stop = 20.0 * np.log10(1.0 / cfg.sigma_L)
 
   def step(y, t):
-    d = residual_fn(y)
-    sigma = rms(d)  # (B,)
-    h = step_size(t, cfg)
-    gamma = noise_amplitude(sigma, h, cfg.beta)
-    y_new = y - h * d + _bcast(gamma, y) * _per_sample_normal(keys, t, y.shape[1:])
+    y_new, sigma = ascent_move(keys, y, residual_fn(y), t, cfg)
     std = jnp.std(y_new, axis=tuple(range(1, y.ndim)), ddof=1)
     return y_new, sigma, 20.0 * jnp.log10(std / sigma) >= snr_stop, jnp.zeros_like(sigma, bool)
   return step

@@ -119,17 +119,11 @@ def constrained_ascent(keys: jax.Array, residual_fn, op: ops.Operator, measureme
     (y - f(y) at each image's final state, ``sampling.AscentInfo``).
   """
   cfg = resolve(cfg, op)
-  m_xc = op.adjoint(measurements)  # M x_c
   acfg = _ascent_config(cfg)
+  d_fn = constrained_residual(residual_fn, op, measurements)
 
   def step(y, t):
-    f = residual_fn(y)
-    d = f - op.project(f) + op.project(y) - m_xc
-    sigma = sampling.rms(d)
-    h = sampling.step_size(t, acfg)
-    gamma = sampling.noise_amplitude(sigma, h, cfg.beta)
-    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), y.shape[1:], y.dtype))(keys)
-    y_new = y - h * d + gamma.reshape((-1,) + (1,) * (y.ndim - 1)) * z
+    y_new, sigma = sampling.ascent_move(keys, y, d_fn(y), t, acfg)
     return y_new, sigma, sigma <= cfg.sigma_L, jnp.zeros_like(sigma, bool)
 
   sigma0 = sampling.rms(residual_fn(y0))
@@ -140,6 +134,18 @@ def constrained_ascent(keys: jax.Array, residual_fn, op: ops.Operator, measureme
   info = sampling.AscentInfo(steps=steps, sigmas=sigmas, aborted=aborted,
                              converged=~active & ~aborted, evals=steps + 2)
   return y - residual_fn(y), info
+
+
+def constrained_residual(residual_fn, op: ops.Operator, measurements: jax.Array):
+  """y -> d(y) = (I - M M^T) f(y) + M (M^T y - x_c): the prior's residual off the measured
+  subspace, the distance to the measurements on it; y - d(y) is the denoised image with its
+  measured part replaced by the measurements."""
+  m_xc = op.adjoint(measurements)  # M x_c
+
+  def d(y):
+    f = residual_fn(y)
+    return f - op.project(f) + op.project(y) - m_xc
+  return d
 
 
 def initial_state(keys: jax.Array, op: ops.Operator, measurements: jax.Array,
@@ -172,12 +178,8 @@ def _plugin_local(keys, params, op, measurements, cfg, conv_impl):
     x, info = constrained_ascent(keys, residual(params, conv_impl), op, measurements, y0, cfg)
   else:
     y0 = initial_state(keys, op, measurements, shape, cfg.flow.sigma_max)
-    f, m_xc = residual(params, conv_impl), op.adjoint(measurements)
-
-    def constrained(y):  # (I - M M^T) f(y) + M (M^T y - x_c)
-      r = f(y)
-      return r - op.project(r) + op.project(y) - m_xc
-    x, info = sampling.ascent(keys, constrained, shape, cfg.flow, y0)
+    x, info = sampling.ascent(keys, constrained_residual(residual(params, conv_impl), op,
+                                                         measurements), shape, cfg.flow, y0)
   if cfg.project:
     x = x - op.project(x) + op.adjoint(measurements)
   return x, info
