@@ -1,4 +1,5 @@
 """Helpers shared by the absl entry points (logging, flag files). Not part of the library."""
+import contextlib
 import logging
 import os
 import sys
@@ -7,6 +8,7 @@ import traceback
 from absl import logging as absl_logging
 
 _LOGGER = logging.getLogger("wcdm_jax")
+_FORMAT = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
 
 
 def setup_logging() -> None:
@@ -14,10 +16,23 @@ def setup_logging() -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger().setLevel(logging.WARNING)
   handler = logging.StreamHandler(sys.stdout)
-  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  handler.setFormatter(_FORMAT)
   _LOGGER.handlers[:] = [handler]
   _LOGGER.setLevel(logging.INFO)
   _LOGGER.propagate = False
+
+
+@contextlib.contextmanager
+def also_log_to(path: str):
+  """While open, every ``log`` line also goes to ``path`` (appended), in the console's format."""
+  handler = logging.FileHandler(path)
+  handler.setFormatter(_FORMAT)
+  _LOGGER.addHandler(handler)
+  try:
+    yield
+  finally:
+    _LOGGER.removeHandler(handler)
+    handler.close()
 
 
 def local_mesh():

@@ -23,7 +23,6 @@ redoes the rest.
 """
 import contextlib
 import json
-import logging
 import os
 import shutil
 import sys
@@ -103,15 +102,8 @@ def _stage_log(stage: str):
   time is logged when it ends."""
   os.makedirs(os.path.join(FLAGS.workdir, "logs"), exist_ok=True)
   t0 = time.time()
-  handler = logging.FileHandler(os.path.join(FLAGS.workdir, "logs", stage + ".log"))
-  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-  logger = logging.getLogger("wcdm_jax")
-  logger.addHandler(handler)
-  try:
+  with common.also_log_to(os.path.join(FLAGS.workdir, "logs", stage + ".log")):
     yield
-  finally:
-    logger.removeHandler(handler)
-    handler.close()
   common.log(f"{stage}: done in {time.time() - t0:.0f} s")
 
 

@@ -103,10 +103,11 @@ def main(argv):
       conds = None
     if not given("low_rescale"):
       rescale = sampling.MODEL
-    common.log(f"{FLAGS.model} recommends its sampling settings (sampling.json); used for "
-               + ", ".join(k for k, v in (("the low-pass", low_cfg), ("the details", conds),
-                                          ("the rescale", rescale)) if v in (None, sampling.MODEL))
-               + " (flags override them)")
+    used = [k for k, v in (("the low-pass", low_cfg), ("the details", conds),
+                           ("the rescale", rescale)) if v is None or v == sampling.MODEL]
+    if used:
+      common.log(f"{FLAGS.model} recommends its sampling settings (sampling.json); used for "
+                 f"{', '.join(used)} (flags override them)")
   job = tasks.SampleJob(FLAGS.num_samples, FLAGS.seed, FLAGS.image_size, low_cfg, conds, rescale,
                         FLAGS.images, FLAGS.num_images, FLAGS.crop, sigmas, FLAGS.time_repeats)
   try:

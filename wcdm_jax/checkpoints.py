@@ -310,10 +310,7 @@ SAMPLING_FILE = "sampling.json"
 def write_sampling(directory: str, rec: Any) -> None:
   """DIR/sampling.json: a model's recommended sampling settings (``sampling.Recommended``)."""
   os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, SAMPLING_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(rec.to_json())
-  os.replace(path + ".tmp", path)
+  reporting.write_text_atomic(os.path.join(directory, SAMPLING_FILE), rec.to_json())
 
 
 def read_sampling(directory: str) -> Any:
