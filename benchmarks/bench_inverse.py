@@ -98,8 +98,10 @@ def main():
   rng = np.random.default_rng(0)
   clean = jnp.asarray(rng.random((args.batch, args.size, args.size, 1), np.float32))
   meas = op.forward(clean)
-  cfg = inverse.SolverConfig(beta=args.beta, sigma_L=1e-9, max_steps=args.steps,
-                             abort_sigma=float("inf"), method="plugin")
+  cfg = inverse.SolverConfig(
+      sampler=dataclasses.replace(inverse.DEFAULT_ASCENT, beta=args.beta, sigma_L=1e-9,
+                                  max_steps=args.steps, abort_sigma=float("inf")),
+      method="plugin")
   keys = jax.random.split(jax.random.key(0), args.batch)
   run = lambda: inverse.solve(keys, params, op, meas, config=cfg, return_info=True)
   t0 = time.perf_counter()
@@ -121,7 +123,7 @@ def main():
   y0 = np.random.default_rng(1).normal(size=(1, args.size, args.size, 1)).astype(np.float32)
   ref = torch_solve(net, tops, args.size, 5, 1.0, 0,
                     torch.from_numpy(y0.transpose(0, 3, 1, 2).copy())).numpy()
-  det = dataclasses.replace(cfg, beta=1.0, max_steps=5, project=False)
+  det = dataclasses.replace(cfg.sampler, beta=1.0, max_steps=5)
   out, _ = solver.constrained_ascent(keys[:1], solver.residual(params), op, meas[:1],
                                      jnp.asarray(y0), det)
   diff = float(np.abs(np.asarray(out).transpose(0, 3, 1, 2) - ref).max())

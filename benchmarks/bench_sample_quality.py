@@ -18,6 +18,13 @@ Parts (--parts):
   full  160x160 samples: each low-pass sampler's samples refined by the conditional scales with
         the matching conditional sampler; SWD against the reference images.
   sr    4x super-resolution of the real set's low-pass: PSNR of each conditional sampler.
+  inverse  inverse.solve on the first --inverse_images real images with the flat RF 43 and the
+        multi-scale prior: a centred 40x40 hole, 90% missing pixels, 4x block averages; PSNR of
+        each solver setting (inverse_samplers()) against today's default, paired by image.
+Every SWD row also gives the layout distance (quality.layout: the whole 20x20 coarse image's
+energy outside the reference's first 16 principal images), which sees what patches miss (a
+face with misplaced parts); a sampler meets the synthesis target when both its paired
+differences to the release's are within the real-vs-real tolerance.
 Samples are cached in OUT/cache/ by model, sampler, count and seed: a rerun only computes
 what is new (the release sampler's set takes about an hour on a 2-core CPU). Prints a table,
 writes OUT/sample_quality.json and OUT/sample_quality.png (SWD against evaluations, one curve
@@ -57,10 +64,26 @@ def samplers():
     name = f"heun{n}" + (f"_smax{smax:g}" if smax != 3.0 else "") + ("_nochurn" if not churn else "")
     out[name] = (flow, dataclasses.replace(flow, mean_0=0.0), "flow (Heun)" if churn
                  else "flow (Heun, deterministic)")
-  for n in (20, 50):
+  for n in (16, 20, 50):
     flow = sampling.FlowConfig(method="euler", num_steps=n, mean_0=0.5, sigma_max=3.0, churn=0.1)
     out[f"euler{n}"] = (flow, dataclasses.replace(flow, mean_0=0.0), "flow (Euler)")
   return out
+
+
+def inverse_samplers():
+  """{name: operator -> SolverConfig}: today's default, faster-stepping ascents, and the
+  constrained flow."""
+  from wcdm_jax import inverse, sampling  # pylint: disable=g-import-not-at-top
+  flow = lambda **kw: lambda op: inverse.SolverConfig(
+      sampler=sampling.FlowConfig(mean_0=0.5, **kw))
+  ascent = lambda h0: lambda op: inverse.SolverConfig(
+      sampler=inverse.default_sampler(op, h0=h0))
+  return {"default": lambda op: inverse.SolverConfig(),
+          "ascent_h0.05": ascent(0.05),
+          "ascent_h0.1": ascent(0.1),
+          "euler20_smax1": flow(method="euler", num_steps=20, sigma_max=1.0, churn=0.0),
+          "euler20": flow(method="euler", num_steps=20, sigma_max=3.0, churn=0.1),
+          "heun11_smax1": flow(num_steps=11, sigma_max=1.0, churn=0.0)}
 
 
 def _key(*parts) -> str:
@@ -83,7 +106,10 @@ def _cached(path: str, make):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default="/tmp/wcdm_sample_quality")
-  p.add_argument("--parts", default="low,full,sr", help="comma-separated: low, full, sr")
+  p.add_argument("--model", default=MODEL, help="a released multi-scale model (its name in "
+                 "../shared/reference/lcv-denoisers), e.g. ms_celebA_320x320_gray_rf13")
+  p.add_argument("--parts", default="low,full,sr,inverse",
+                 help="comma-separated: low, full, sr, inverse")
   p.add_argument("--samplers", default="", help="comma-separated subset (default: all)")
   p.add_argument("--num_samples", type=int, default=24)
   p.add_argument("--reference_images", type=int, default=256)
@@ -92,6 +118,7 @@ def main(argv=None):
   p.add_argument("--directions", type=int, default=512)
   p.add_argument("--bootstrap", type=int, default=50)
   p.add_argument("--chunk", type=int, default=4, help="samples per cached batch")
+  p.add_argument("--inverse_images", type=int, default=8)
   args = p.parse_args(argv)
   if not os.path.isdir(bench.RELEASE) or not os.path.isdir(DATA):
     sys.exit(f"error: needs the released models ({bench.RELEASE}) and CelebA ({DATA})")
@@ -107,33 +134,42 @@ def main(argv=None):
   unknown = [s for s in chosen if s not in table]
   if unknown:
     sys.exit(f"error: --samplers: unknown {unknown}; choose from {','.join(table)}")
-  params = pretrained.load_release_model(pretrained.find_release_models(bench.RELEASE)[MODEL])
-  levels = params.spec.levels
+  released = pretrained.find_release_models(bench.RELEASE)
+  if args.model not in released or not args.model.startswith("ms_"):
+    sys.exit(f"error: --model={args.model}: choose a multi-scale model of "
+             f"{[m for m in released if m.startswith('ms_')]}")
+  params = pretrained.load_release_model(released[args.model])
+  levels, size = params.spec.levels, params.spec.image_size[0]
   n = args.num_samples
-  images = common.load_images(f"folder:{DATA}", 160, 1, "celeba",
+  images = common.load_images(f"folder:{DATA}", size, 1, "celeba",
                               2 * n + args.reference_images, "eval", 0.1)
   real, real2, ref = images[:n], images[n:2 * n], images[2 * n:]
   real_low, real2_low, ref_low = (np.asarray(wcdm_jax.decompose(x, levels).low)
                                   for x in (real, real2, ref))
-  print(f"model {MODEL}; 2 x {len(real)} real and {len(ref)} reference images "
+  print(f"model {args.model}; 2 x {len(real)} real and {len(ref)} reference images "
         f"(eval split of {os.path.normpath(DATA)}); CPU: {native_build.cpu_name()} ({native_build.cpu_isas()[0]})")
   swd = lambda x, r: quality.swd(x, r, seed=args.seed, patches=args.patches,
                                  directions=args.directions, bootstrap=args.bootstrap)
+  lay = lambda x, r: quality.layout(x, r, seed=args.seed, bootstrap=4 * args.bootstrap)
   # Sample i's key depends on i only: a larger --num_samples extends a set, chunks are reusable.
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(args.seed), i))(jax.numpy.arange(n))
   cache = os.path.join(args.out, "cache")
-  results = {"model": MODEL, "num_samples": n, "reference_images": len(ref), "rows": []}
+  results = {"model": args.model, "num_samples": n, "reference_images": len(ref), "rows": []}
 
-  def row(part, name, d, evals=None, seconds=None, **extra):
+  def row(part, name, x, reference, evals=None, seconds=None, **extra):
+    d, l = swd(x, reference), lay(x, reference)
     r = {"part": part, "sampler": name, "swd": d.mean, "swd_ci": d.mean_ci,
-         "swd_per_level": d.per_level, "levels": d.levels, "evals": evals, "seconds": seconds,
+         "swd_per_level": d.per_level, "levels": d.levels, "layout": l.distance,
+         "layout_ci": l.ci, "layout_residual": l.residual, "evals": evals, "seconds": seconds,
          **extra}
     results["rows"].append(r)
     ci = f"[{d.mean_ci[0] * 1e3:6.2f}, {d.mean_ci[1] * 1e3:6.2f}]" if d.mean_ci else ""
     ev = "" if evals is None else f"{evals:8.0f}"
     sec = "" if seconds is None else f"{seconds:8.0f}"
     print(f"{part:5s} {name:24s} {ev:>8s} {sec:>8s}  SWD x1e3 {d.mean * 1e3:7.2f} {ci}  "
-          f"per level " + " ".join(f"{v * 1e3:.2f}" for v in d.per_level), flush=True)
+          f"layout x1e3 {l.distance * 1e3:6.1f} [{l.ci[0] * 1e3:.1f}, {l.ci[1] * 1e3:.1f}] "
+          f"(residual {l.residual:.3f} vs {l.reference_residual:.3f})  per level "
+          + " ".join(f"{v * 1e3:.2f}" for v in d.per_level), flush=True)
 
   def chunked(kind, name, cfgs, make):
     """make(keys, start) -> dict of arrays for samples start.. of one chunk; the chunks cached
@@ -141,7 +177,7 @@ def main(argv=None):
     parts_ = []
     for start in range(0, n, args.chunk):
       stop = min(n, start + args.chunk)
-      path = os.path.join(cache, f"{kind}_{name}_{_key(MODEL, cfgs, args.seed)}_{start}-{stop}.npz")
+      path = os.path.join(cache, f"{kind}_{name}_{_key(args.model, cfgs, args.seed)}_{start}-{stop}.npz")
 
       def run(start=start, stop=stop):
         t0 = time.time()
@@ -176,52 +212,67 @@ def main(argv=None):
 
   print(f"{'part':5s} {'sampler':24s} {'evals':>8s} {'seconds':>8s}  (evals: network calls per "
         "sample; seconds: the whole set)")
-  diff = lambda x, base, r: quality.swd_difference(
+  diffs = {"SWD": lambda x, base, r: quality.swd_difference(
       x, base, r, seed=args.seed, patches=args.patches, directions=args.directions,
-      bootstrap=args.bootstrap)
+      bootstrap=args.bootstrap),
+           "layout": lambda x, base, r: quality.layout_difference(
+               x, base, r, seed=args.seed, bootstrap=4 * args.bootstrap)}
 
   def compare(part, sets, reference, real_a, real_b):
-    """Each sampler's paired SWD difference to the release's; the tolerance is the upper end
-    of the same difference between two disjoint real sets of the same size."""
-    _, (_, tol) = diff(real_b, real_a, reference)
-    print(f"{part}: tolerance (two real sets of {n}: upper 95% end of their paired SWD "
-          f"difference) {tol * 1e3:.2f} x1e-3")
-    results.setdefault("tolerance", {})[part] = tol
+    """Each sampler's paired SWD and layout differences to the release's; each tolerance is
+    the upper end of the same difference between two disjoint real sets of the same size; a
+    sampler meets the target when both differences are within theirs."""
+    tols = {m: f(real_b, real_a, reference)[1][1] for m, f in diffs.items()}
+    print(f"{part}: tolerances (two real sets of {n}: upper 95% end of their paired "
+          "difference) " + ", ".join(f"{m} {t * 1e3:.2f} x1e-3" for m, t in tols.items()))
+    results.setdefault("tolerance", {})[part] = tols
     if "release" not in sets:
       return
     for name, x in sets.items():
       if name == "release":
         continue
-      d, (lo, hi) = diff(x, sets["release"], reference)
-      meets = d <= tol
       r = next(r for r in results["rows"] if r["part"] == part and r["sampler"] == name)
-      r.update(delta_vs_release=d, delta_ci=(lo, hi), meets=bool(meets))
-      print(f"{part:5s} {name:24s} SWD - release's x1e3 {d * 1e3:+7.2f} [{lo * 1e3:+.2f}, "
-            f"{hi * 1e3:+.2f}]: {'meets' if meets else 'misses'} the tolerance"
-            + ("" if meets else f" by {(d - tol) * 1e3:.2f}"), flush=True)
+      verdicts = []
+      for m, f in diffs.items():
+        d, (lo, hi) = f(x, sets["release"], reference)
+        ok = d <= tols[m]
+        r[m] = {"delta_vs_release": d, "delta_ci": (lo, hi), "meets": bool(ok)}
+        verdicts.append(f"{m} {d * 1e3:+7.2f} [{lo * 1e3:+.2f}, {hi * 1e3:+.2f}] "
+                        + ("ok" if ok else f"misses by {(d - tols[m]) * 1e3:.2f}"))
+      r["meets"] = all(r[m]["meets"] for m in diffs)
+      print(f"{part:5s} {name:24s} minus the release's, x1e3: " + "; ".join(verdicts)
+            + f": {'meets' if r['meets'] else 'misses'} the target", flush=True)
+
+  def degraded(part, x, reference, scale):
+    """The metrics' validation rows: the release's samples blurred by a 1-pixel Gaussian,
+    with noise of std 0.02 (of the image range ``scale``), and with their top and bottom
+    halves swapped (a broken layout)."""
+    row(part, "release, blurred 1 px", np.asarray(evaluation.gaussian_blur(x, 1.0)), reference)
+    noise = np.random.default_rng(args.seed).standard_normal(x.shape).astype(np.float32)
+    row(part, "release, noise 0.02", x + 0.02 * scale * noise, reference)
+    h = x.shape[1] // 2
+    row(part, "release, halves swapped", np.concatenate([x[:, h:], x[:, :h]], 1), reference)
 
   if "low" in parts:
-    row("low", "real (floor)", swd(real_low, ref_low))
+    row("low", "real (floor)", real_low, ref_low)
     sets = {}
     for name in chosen:
       s = low_samples(name)
       sets[name] = rescaled(name, s["low"])
-      row("low", name, swd(sets[name], ref_low), float(np.mean(s["evals"])),
+      row("low", name, sets[name], ref_low, float(np.mean(s["evals"])),
           float(s["seconds"]), steps_max=int(np.max(s["steps"])))
       if name == "release":  # the metric's validation: degraded release samples score worse
         rel = sets[name]
         tenth = dataclasses.replace(table[name][0],
                                     max_steps=max(1, int(np.median(s["steps"])) // 10))
         t = low_samples("release_tenth", tenth)
-        row("low", "release, 1/10 steps", swd(rescaled(name, t["low"]), ref_low),
+        row("low", "release, 1/10 steps", rescaled(name, t["low"]), ref_low,
             float(np.mean(t["evals"])))
-        row("low", "release, blurred 1 px", swd(np.asarray(evaluation.gaussian_blur(
-            rel, 1.0)), ref_low))
-        noise = np.random.default_rng(args.seed).standard_normal(rel.shape).astype(np.float32)
-        row("low", "release, noise 0.02", swd(rel + 0.02 * noise, ref_low))
+        # The low-pass of images in [0, 1] spans [0, 2^J]: noise 0.02 of that range.
+        degraded("low", rel, ref_low, 2.0 ** levels)
     compare("low", sets, ref_low, real_low, real2_low)
   if "full" in parts:
-    row("full", "real (floor)", swd(real, ref))
+    row("full", "real (floor)", real, ref)
     sets = {}
     for name in chosen:
       low_cfg, cond_cfg, _ = table[name]
@@ -235,8 +286,10 @@ def main(argv=None):
         return {"x": outs[-1], "evals": sum(i.evals for i in infos)}
       f = chunked("full", name, (low_cfg, cond_cfg), make)
       sets[name] = f["x"]
-      row("full", name, swd(f["x"], ref), float(np.mean(f["evals"] + low["evals"])),
+      row("full", name, f["x"], ref, float(np.mean(f["evals"] + low["evals"])),
           float(f["seconds"] + low["seconds"]), cond_evals=float(np.mean(f["evals"])))
+      if name == "release":
+        degraded("full", f["x"], ref, 1.0)
     compare("full", sets, ref, real, real2)
   if "sr" in parts:
     seen, base = set(), None
@@ -267,11 +320,64 @@ def main(argv=None):
                  f"{'meets' if r['meets'] else 'misses'} the target")
       results["rows"].append(r)
       print(line, flush=True)
+  if "inverse" in parts and size != 160:
+    print(f"inverse: skipped (the flat RF 43 prior is a 160x160 model; --model is {size}x{size})")
+  elif "inverse" in parts:
+    _inverse_part(args, params, real[:args.inverse_images], cache, results)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "sample_quality.json"), "w") as fh:
     json.dump(results, fh, indent=1)
   print(f"wrote {os.path.join(args.out, 'sample_quality.json')}")
   _figure(results, table, os.path.join(args.out, "sample_quality.png"))
+
+
+def _inverse_part(args, ms_params, images, cache: str, results: dict) -> None:
+  """PSNR and network evaluations of each inverse_samplers() setting on three problems and
+  two priors, paired by image with today's default (the same measurements and keys)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import evaluation, inverse, pretrained  # pylint: disable=g-import-not-at-top
+  flat = pretrained.load_release_model(
+      pretrained.find_release_models(bench.RELEASE)["flat_celebA_160x160_gray_rf43"])
+  shape = images.shape[1:]
+  problems = {"hole 40x40": inverse.Inpainting(inverse.box_mask(shape[:2], 40)),
+              "90% pixels missing": inverse.RandomPixels(0.1, jax.random.key(args.seed), shape),
+              "4x block average": inverse.BlockAverage(4, shape)}
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(args.seed + 2), i))(
+      jax.numpy.arange(len(images)))
+  table = inverse_samplers()
+  print(f"inverse: {len(images)} images; PSNR dB (paired difference to the default's, its s.e.)")
+  for prob, op in problems.items():
+    y = op.forward(jax.numpy.asarray(images))
+    for prior, params in (("flat RF 43", flat), ("multi-scale RF 13", ms_params)):
+      base = None
+      for name, make_cfg in table.items():
+        cfg = inverse.solver.resolve(make_cfg(op), op)
+        path = os.path.join(cache, f"inverse_{_key(prob, prior, repr(cfg), args.seed, len(images))}.npz")
+
+        def run(cfg=cfg, params=params, y=y, op=op):
+          t0 = time.time()
+          x, info = inverse.solve(keys, params, op, y, config=cfg, return_info=True)
+          infos = info if isinstance(info, list) else [info]
+          return {"x": np.asarray(x), "evals": sum(np.asarray(i.evals) for i in infos),
+                  "seconds": np.float64(time.time() - t0)}
+        out = _cached(path, run)
+        psnr = np.asarray(evaluation.psnr(out["x"], images))
+        ev = float(np.mean(out["evals"]))
+        r = {"part": "inverse", "problem": prob, "prior": prior, "sampler": name,
+             "psnr": float(psnr.mean()), "evals": ev, "seconds": float(out["seconds"])}
+        line = f"inv   {prob:19s} {prior:18s} {name:14s} {ev:7.0f} evals  PSNR {psnr.mean():.2f}"
+        if base is None:
+          base = (psnr, ev)
+        else:
+          dp = psnr - base[0]
+          se = float(dp.std(ddof=1) / np.sqrt(len(dp)))
+          r.update(delta_vs_default=float(dp.mean()), delta_stderr=se,
+                   meets=bool(dp.mean() >= -max(2 * se, 0.2) and ev <= base[1] / 5))
+          line += (f" ({dp.mean():+.2f}, s.e. {se:.2f}; {base[1] / ev:.1f}x fewer evals): "
+                   f"{'meets' if r['meets'] else 'misses'} the target")
+        results["rows"].append(r)
+        print(line, flush=True)
 
 
 def _figure(results: dict, table: dict, path: str) -> None:
@@ -305,7 +411,7 @@ def _figure(results: dict, table: dict, path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per sample")
     ax.set_ylabel("SWD x 1e3 (lower is better)")
-    ax.set_title({"low": "40x40 low-pass samples", "full": "160x160 samples"}[part])
+    ax.set_title({"low": "low-pass samples", "full": "full-size samples"}[part])
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)

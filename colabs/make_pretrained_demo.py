@@ -121,7 +121,7 @@ tasks = {"40x40 hole": inverse.Inpainting(inverse.box_mask((160, 160), 40)),
 rows = []
 for title, op in tasks.items():
   meas = op.forward(x160)
-  cfg = inverse.SolverConfig(max_steps=INV_STEPS)
+  cfg = inverse.SolverConfig(sampler=inverse.default_sampler(op, max_steps=INV_STEPS))
   x_flat = inverse.solve(jax.random.key(6), flat, op, meas, config=cfg)
   x_ms = inverse.solve(jax.random.key(6), ms160, op, meas, config=cfg)
   for name, x in [("M M^T x", op.project(x160)), ("flat RF43", x_flat), ("multi-scale RF13", x_ms)]:

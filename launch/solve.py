@@ -11,6 +11,7 @@ orthonormal projections). Writes OUT/grid_NNN.png per image (original, M M^T x, 
 prior) and OUT/results.json (PSNR and SSIM per image and mean, the M M^T x baseline, steps,
 aborted/converged counts and wall time per prior).
 """
+import dataclasses
 import functools
 import json
 import os
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
 from launch import common, flagdefs  # pylint: disable=g-import-not-at-top
+from wcdm_jax import inverse, sampling  # pylint: disable=g-import-not-at-top
 from wcdm_jax.inverse.solver import SolverConfig  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -46,8 +48,19 @@ flags.DEFINE_enum("band", "hermitian", ["hermitian", "original"], "deblur: frequ
 flags.DEFINE_bool("original", False, "Use the original code's settings (beta 0.01, no final "
                   "projection, no abort) with --max_steps as the cap; solver flags given "
                   "explicitly override them.")
-# The solver's settings: SolverConfig's fields (wcdm_jax.inverse.SolverConfig).
+# The solver's settings (wcdm_jax.inverse.SolverConfig): --project, and its sampler: the
+# constrained ascent (sampling.AscentConfig's fields, inverse.DEFAULT_ASCENT's values as
+# defaults, --beta by operator unless given) or the constrained flow (--flow_*).
 flagdefs.define(SolverConfig, skip=("method",))
+flags.DEFINE_enum("sampler", "ascent", ["ascent", "flow"], "The constrained stochastic ascent "
+                  "(--h0, --beta, ...) or the constrained probability flow (--flow_*).")
+flagdefs.define(sampling.AscentConfig, skip=("beta", "flip_average"),
+                defaults=inverse.DEFAULT_ASCENT, help_prefix="Ascent: ")
+flags.DEFINE_string("beta", "auto", "Ascent: injected noise, in (0, 1] (1 = none); auto: by "
+                    "operator (0.1 for a hole, 0.05 for spread measurements; the original's "
+                    "0.01 with --original).")
+flagdefs.define(sampling.FlowConfig, prefix="flow_", skip=("flip_average",),
+                defaults=sampling.FlowConfig(mean_0=0.5), help_prefix="Flow: ")
 flags.DEFINE_integer("seed", 0, "Seed of the operator (random tasks) and of the solver.")
 flags.DEFINE_string("out", None, "Output directory.")
 flags.mark_flags_as_required(["task", "models", "out"])
@@ -67,17 +80,41 @@ def make_operator(task: str, shape, key):
   return inverse.RandomProjection(FLAGS.fraction, key, shape, FLAGS.cs_kind)
 
 
+def solver_config() -> tuple[SolverConfig, bool]:
+  """The flags' SolverConfig, and whether its ascent's beta is still to be chosen by operator
+  (--beta=auto without --original). A ValueError names the flag."""
+  if FLAGS.sampler == "flow":
+    sampler = flagdefs.build(sampling.FlowConfig, flagdefs.overrides(
+        sampling.FlowConfig, prefix="flow_", skip=("flip_average",)),
+                             flagdefs.flag_names(sampling.FlowConfig, "flow_"))
+  else:
+    given = flagdefs.overrides(sampling.AscentConfig, skip=("beta", "flip_average"))
+    base = inverse.ORIGINAL.sampler if FLAGS.original else inverse.DEFAULT_ASCENT
+    if FLAGS.original:  # the original code's settings, but the step cap and explicit flags
+      given = {k: v for k, v in given.items()
+               if k == "max_steps" or common.set_explicitly(FLAGS, k)}
+    if FLAGS.beta != "auto":
+      try:
+        given["beta"] = float(FLAGS.beta)
+      except ValueError:
+        raise ValueError(f"--beta={FLAGS.beta}: give a number in (0, 1] or auto") from None
+    sampler = flagdefs.build(functools.partial(dataclasses.replace, base), given)
+  project = FLAGS.project if not FLAGS.original or common.set_explicitly(FLAGS, "project") \
+      else inverse.ORIGINAL.project
+  by_operator = FLAGS.sampler == "ascent" and FLAGS.beta == "auto" and not FLAGS.original
+  return SolverConfig(sampler=sampler, project=project), by_operator
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
   common.setup_logging()
   common.check_native_setting()
   mesh = common.local_mesh()  # every local device: batches are split over them
-  import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from wcdm_jax import evaluation, inverse, reporting  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import evaluation, reporting  # pylint: disable=g-import-not-at-top
 
   names = FLAGS.names or [os.path.basename(os.path.normpath(m)) for m in FLAGS.models]
   if len(names) != len(FLAGS.models) or len(set(names)) != len(names):
@@ -86,13 +123,7 @@ def main(argv):
   if len(methods) != len(FLAGS.models):
     raise app.UsageError("--methods needs one entry per --models entry")
   try:
-    given = flagdefs.overrides(SolverConfig, skip=("method",))
-    if FLAGS.original:  # the original code's settings, but the step cap and explicit flags
-      given = {k: v for k, v in given.items()
-               if k == "max_steps" or common.set_explicitly(FLAGS, k)}
-    base = flagdefs.build(functools.partial(dataclasses.replace, inverse.ORIGINAL)
-                          if FLAGS.original else SolverConfig, given)
-    configs = [dataclasses.replace(base, method=m) for m in methods]
+    base, by_operator = solver_config()
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   priors = {n: common.load_model(m, mesh) for n, m in zip(names, FLAGS.models)}
@@ -101,6 +132,10 @@ def main(argv):
   shape = (size, size, first.channels)
   try:  # every check before any compute or output
     op = make_operator(FLAGS.task, shape, jax.random.key(FLAGS.seed))  # checked against each prior below
+    if by_operator:  # --beta=auto
+      base = dataclasses.replace(base, sampler=dataclasses.replace(
+          base.sampler, beta=inverse.solver.default_beta(op)))
+    configs = [dataclasses.replace(base, method=m) for m in methods]
     for (name, params), cfg in zip(priors.items(), configs):
       if params.spec.channels != first.channels:
         raise ValueError(f"model {name!r} takes {params.spec.channels} channels, the first "

@@ -78,7 +78,7 @@ def test_programs_export_for_gpu_and_tpu(platform):
                         low),
       "log_prob": (lambda x: wcdm_jax.log_prob(key, params, x).bits_per_pixel, y),
       "inverse.solve": (lambda m: inverse.solve(key, params, op, m, config=inverse.SolverConfig(
-          max_steps=4)), jax.ShapeDtypeStruct((2, 128), jnp.float32)),
+          sampler=dataclasses.replace(inverse.DEFAULT_ASCENT, max_steps=4))), jax.ShapeDtypeStruct((2, 128), jnp.float32)),
   }
   mesh = training.make_mesh(jax.devices()[:1])
   for name in ("flat", "low", "cond0"):
@@ -132,7 +132,8 @@ def test_public_functions_keep_float32_under_x64():
         "log_prob": wcdm_jax.log_prob(key, params, y).bits_per_pixel,
         "decompose": wcdm_jax.decompose(y, 1).low,
         "solve": inverse.solve(key, params, op, op.forward(y),
-                               config=inverse.SolverConfig(max_steps=4)),
+                               config=inverse.SolverConfig(
+                                   sampler=dataclasses.replace(inverse.DEFAULT_ASCENT, max_steps=4))),
     }
   for name, out in outs.items():
     assert out.dtype == jnp.float32, (name, out.dtype)
@@ -186,7 +187,7 @@ def test_inference_over_devices_equals_one_device():
         wcdm_jax.log_prob(key, params, y, config=cfg).bits_per_pixel)
   op = inverse.RandomPixels(0.5, jax.random.key(9), (16, 16, 1))
   m = op.forward(y)
-  scfg = inverse.SolverConfig(max_steps=4)
+  scfg = inverse.SolverConfig(sampler=dataclasses.replace(inverse.DEFAULT_ASCENT, max_steps=4))
   close(inverse.solve(key, params, op, m, config=scfg, mesh=mesh),
         inverse.solve(key, params, op, m, config=scfg))
 

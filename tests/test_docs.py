@@ -43,11 +43,8 @@ def _blocks(page):
 @pytest.mark.parametrize("page", RUN)
 def test_examples_run(page, toy_model, monkeypatch):
   # inverse.solve's default step cap, shortened for the random net.
-  names = [f.name for f in dataclasses.fields(solver.SolverConfig)]
-  defaults = list(solver.SolverConfig.__init__.__defaults__)
-  defaults[names.index("max_steps") - (len(names) - len(defaults))] = 20
-  monkeypatch.setattr(solver.SolverConfig.__init__, "__defaults__", tuple(defaults))
-  assert solver.SolverConfig().max_steps == 20
+  monkeypatch.setattr(solver, "DEFAULT_ASCENT",
+                      dataclasses.replace(solver.DEFAULT_ASCENT, max_steps=20))
   blocks = _blocks(page)
   assert blocks, f"{page} has no Python example"
   ns = {}

@@ -123,14 +123,14 @@ def test_inverse_problems_with_the_constrained_flow(ms, op):
   clean = jnp.asarray(np.random.default_rng(5).uniform(size=(2, 16, 16, 1)), jnp.float32)
   meas = op.forward(clean)
   flow = sampling.FlowConfig(num_steps=6, sigma_max=1.0)
-  cfg = inverse.SolverConfig(flow=flow, project=False, method="plugin")
+  cfg = inverse.SolverConfig(sampler=flow, project=False, method="plugin")
   x, info = inverse.solve(jax.random.split(jax.random.key(0), 2), ms, op, meas, config=cfg,
                           return_info=True)
   # Without the final projection the flow's last step already reproduces the measurements.
   np.testing.assert_allclose(op.forward(x), meas, atol=1e-5)
   assert np.all(np.asarray(info.evals) == flow.evals(5))
-  with pytest.raises(TypeError, match="flow must be a wcdm_jax.sampling.FlowConfig"):
-    inverse.SolverConfig(flow=sampling.RELEASE_LOW)
+  with pytest.raises(TypeError, match="sampler must be a wcdm_jax.AscentConfig, FlowConfig"):
+    inverse.SolverConfig(sampler=wcdm_jax.sample)
 
 
 def test_coarse_to_fine_solver_uses_the_flow_for_its_details(ms):
@@ -138,7 +138,7 @@ def test_coarse_to_fine_solver_uses_the_flow_for_its_details(ms):
   op = inverse.BlockAverage(4)
   flow = sampling.FlowConfig(num_steps=5)
   x, infos = inverse.solve(jax.random.key(0), ms, op, op.forward(clean),
-                           config=inverse.SolverConfig(flow=flow), return_info=True)
+                           config=inverse.SolverConfig(sampler=flow), return_info=True)
   assert [int(i.steps[0]) for i in infos] == [4, 4]
   np.testing.assert_allclose(op.forward(x), op.forward(clean), atol=1e-4)
 

@@ -1,5 +1,6 @@
 """Linear inverse problems: operators, the solver, parity with the original code's fixtures,
 determinism, batch = singles, bad inputs and the CLI."""
+import dataclasses
 import json
 import os
 
@@ -117,7 +118,8 @@ def test_operator_values():
     (lambda: inverse.RandomProjection.from_matrix(np.eye(10), GREY), r"\(H\*W, m\)"),
     (lambda: inverse.SpectralLowpass(0.1, band="square"), "band"),
     (lambda: inverse.SpectralLowpass(1.0).check((8, 8, 1)), "every frequency"),
-    (lambda: inverse.SolverConfig(beta=0), "beta"),
+    (lambda: _ascent(beta=0), "beta"),
+    (lambda: _ascent(flip_average=True), "flip_average does not apply"),
     (lambda: inverse.SolverConfig(method="magic"), "method"),
 ])
 def test_bad_operator_arguments(make, match):
@@ -141,7 +143,13 @@ def ms():
   return models.init_model(jax.random.key(2), spec)
 
 
-FAST = inverse.SolverConfig(beta=0.5, h0=0.1, sigma_L=0.05, max_steps=40)
+def _ascent(project=True, method="auto", **kw):
+  """A SolverConfig whose ascent is the default one but for ``kw``."""
+  return inverse.SolverConfig(sampler=dataclasses.replace(inverse.DEFAULT_ASCENT, **kw),
+                              project=project, method=method)
+
+
+FAST = _ascent(beta=0.5, h0=0.1, sigma_L=0.05, max_steps=40)
 
 
 def _clean(n=3, shape=GREY):
@@ -166,13 +174,13 @@ def test_solution_is_consistent_and_batch_equals_singles(prior, task, flat, ms, 
     np.testing.assert_allclose(one[0], x[b], atol=1e-5)
   other = inverse.solve(jax.random.split(jax.random.key(9), 3), params, op, meas, config=FAST)
   assert not np.allclose(np.asarray(other), np.asarray(x))  # keys matter (beta < 1)
-  assert info.steps.shape == (3,) and info.sigmas.shape == (3, FAST.max_steps)
+  assert info.steps.shape == (3,) and info.sigmas.shape == (3, FAST.sampler.max_steps)
 
 
 def test_no_projection_leaves_the_ascent_output(flat):
   op = _ops(GREY)["pixels"]
   meas = op.forward(_clean())
-  cfg = FAST.__class__(**{**FAST.__dict__, "project": False})
+  cfg = dataclasses.replace(FAST, project=False)
   x = inverse.solve(KEY, flat, op, meas, config=cfg)
   assert not np.allclose(op.forward(x), meas, atol=1e-3)
 
@@ -184,7 +192,7 @@ def test_constant_prior_recovers_a_constant_image():
   clean = jnp.full((2, 32, 32, 1), 0.3).at[1].set(0.7)
   meas = op.forward(clean)
   f = lambda y: y - y.mean((1, 2, 3), keepdims=True)
-  cfg = inverse.SolverConfig(beta=1.0, h0=0.05, sigma_L=1e-5, max_steps=2000, project=False)
+  cfg = dataclasses.replace(inverse.DEFAULT_ASCENT, beta=1.0, h0=0.05, sigma_L=1e-5, max_steps=2000)
   keys = jax.random.split(KEY, 2)
   y0 = solver.initial_state(keys, op, meas, (32, 32, 1), 1.0)
   x, info = solver.constrained_ascent(keys, f, op, meas, y0, cfg)
@@ -201,7 +209,7 @@ def test_step_cap_and_abort():
   meas = op.forward(_clean(2))
   keys = jax.random.split(KEY, 2)
   y0 = solver.initial_state(keys, op, meas, GREY, 1.0)
-  cfg = inverse.SolverConfig(beta=1.0, h0=0.01, sigma_L=1e-6, max_steps=5)
+  cfg = dataclasses.replace(inverse.DEFAULT_ASCENT, beta=1.0, h0=0.01, sigma_L=1e-6, max_steps=5)
   _, info = solver.constrained_ascent(keys, lambda y: y - y.mean(), op, meas, y0, cfg)
   assert np.asarray(info.steps).tolist() == [5, 5] and not bool(info.converged.any())
   grow = lambda y: -10.0 * y  # the "denoiser" pushes away: sigma grows past abort_sigma
@@ -224,8 +232,7 @@ def test_coarse_to_fine_is_super_resolve(ms, flat):
   np.testing.assert_allclose(x, ref, atol=1e-5)
   np.testing.assert_allclose(op.forward(x), meas, atol=1e-4)  # Haar: exactly consistent
   # plug-in on the same problem runs the ascent instead
-  plug = inverse.solve(keys, ms, op, meas, config=FAST.__class__(**{**FAST.__dict__,
-                                                                     "method": "plugin"}))
+  plug = inverse.solve(keys, ms, op, meas, config=dataclasses.replace(FAST, method="plugin"))
   assert not np.allclose(np.asarray(plug), np.asarray(x))
   with pytest.raises(ValueError, match="flat denoiser"):
     inverse.solve(keys, flat, op, meas, config=inverse.SolverConfig(method="coarse_to_fine"))
@@ -307,8 +314,7 @@ def test_parity_with_original(task, flat43):
   # The measurements of the image are the fixture's.
   img = jnp.asarray(d["image"].transpose(0, 2, 3, 1))
   np.testing.assert_allclose(op.forward(img), meas, atol=1e-4)
-  cfg = inverse.SolverConfig(beta=1.0, project=False, abort_sigma=np.inf, method="plugin",
-                             max_steps=200)
+  cfg = dataclasses.replace(inverse.DEFAULT_ASCENT, beta=1.0, abort_sigma=np.inf, max_steps=200)
   y0 = jnp.asarray(d["y0"].transpose(0, 2, 3, 1))
   keys = jax.random.split(KEY, 1)
   out, info = jax.jit(lambda y0, m: solver.constrained_ascent(
@@ -360,7 +366,7 @@ def test_solve_tool(model_dirs, tmp_path):
     (["--task=inpaint", "--box=40"], "fit"),
     (["--task=sr", "--factor=8", "--methods=coarse_to_fine,auto"], "flat denoiser"),
     (["--task=cs", "--names=a"], "one distinct label"),
-    # the solver's flags are SolverConfig's fields: its checks, naming the flag
+    # the solver's flags are its sampler's fields: their checks, naming the flag
     (["--task=pixels", "--beta=2"], r"--beta=2.0: beta"),
     (["--task=pixels", "--max_steps=0"], r"--max_steps=0: max_steps"),
     (["--task=pixels", "--sigma_0=-1"], r"--sigma_0=-1.0: sigma_0"),

@@ -83,3 +83,50 @@ def test_paired_difference_separates_a_degradation_from_noise(sets):
   assert lo < 0 < hi
   with pytest.raises(ValueError, match="as many images"):
     quality.swd_difference(real[:4], other, ref, **kw)
+
+
+def _faces(n, seed, size=32, swap=False):
+  """Toy images with a layout: a bright disc (a head) near the centre, two dark dots (eyes)
+  above a dark bar (a mouth), sizes and positions jittered; ``swap`` puts the eyes below."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size] / size
+  out = []
+  for _ in range(n):
+    cy, cx = 0.5 + 0.05 * rng.standard_normal(2)
+    r = 0.3 + 0.03 * rng.standard_normal()
+    img = 0.2 + 0.5 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2)
+    eye_y, mouth_y = (cy + 0.12, cy - 0.12) if swap else (cy - 0.1, cy + 0.12)
+    for ex in (cx - 0.1, cx + 0.1):
+      img = img - 0.4 * (((yy - eye_y) ** 2 + (xx - ex) ** 2) < 0.05 ** 2)
+    img = img - 0.3 * ((abs(yy - mouth_y) < 0.03) & (abs(xx - cx) < 0.12))
+    out.append(img + 0.02 * rng.standard_normal(img.shape))
+  return np.clip(np.stack(out)[..., None], 0, 1).astype(np.float32)
+
+
+def test_w1_is_exact():
+  a = np.array([0.0, 1.0, 2.0])
+  assert quality._w1(a, a + 0.5) == pytest.approx(0.5)  # pylint: disable=protected-access
+  assert quality._w1(a, np.array([1.0])) == pytest.approx(2 / 3)  # pylint: disable=protected-access
+
+
+def test_layout_orders_broken_layouts_after_real_ones():
+  real, ref = _faces(24, 0), _faces(128, 1)
+  kw = dict(size=16, components=8, seed=0, bootstrap=50)
+  floor = quality.layout(real, ref, **kw)
+  lo, hi = floor.ci
+  assert lo <= floor.distance <= hi
+  halves = np.concatenate([real[:, 16:], real[:, :16]], axis=1)
+  for name, broken in (("halves swapped", halves), ("eyes below", _faces(24, 0, swap=True))):
+    d = quality.layout(broken, ref, **kw)
+    assert d.distance > 3 * floor.distance and d.residual > floor.reference_residual, name
+    diff, (dlo, _) = quality.layout_difference(broken, real, ref, **kw)
+    assert dlo > 0 and diff == pytest.approx(d.distance - floor.distance), name
+  # A smoother set leaves less outside the principal images: its residual is below the
+  # reference's (what Layout.residual tells apart from a broken layout, above it).
+  blurred = np.asarray(evaluation.gaussian_blur(jnp.asarray(real), 1.0))
+  assert quality.layout(blurred, ref, **kw).residual < floor.reference_residual
+  assert quality.layout(real, ref, **kw) == floor  # a function of its inputs and seed
+  with pytest.raises(ValueError, match="too few for components=8"):
+    quality.layout(real, ref[:10], **kw)
+  with pytest.raises(ValueError, match="as many images"):
+    quality.layout_difference(real[:4], real, ref, **kw)

@@ -96,9 +96,9 @@ def float_range(v: Any, name: str) -> tuple[float, float]:
 
 
 def ascent_settings(cfg: Any) -> None:
-  """The shared fields of an ascent's settings (sampling.AscentConfig, inverse.SolverConfig):
-  beta in (0, 1] (None: chosen later), h0 in (0, 1], max_steps >= 1, positive noise levels."""
-  if cfg.beta is not None and not 0 < cfg.beta <= 1:
+  """An ascent's settings (sampling.AscentConfig): beta and h0 in (0, 1], max_steps >= 1,
+  positive noise levels, a finite mean_0."""
+  if not 0 < cfg.beta <= 1:
     raise ValueError(f"beta must be in (0, 1], got {cfg.beta}")
   if not 0 < cfg.h0 <= 1:
     raise ValueError(f"h0 must be in (0, 1], got {cfg.h0}")
@@ -106,7 +106,7 @@ def ascent_settings(cfg: Any) -> None:
   for name in ("sigma_0", "sigma_L", "abort_sigma"):
     if not getattr(cfg, name) > 0:
       raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
-  if not np.isfinite(getattr(cfg, "mean_0", 0.0)):
+  if not np.isfinite(cfg.mean_0):
     raise ValueError(f"mean_0 must be a finite number, got {cfg.mean_0}")
-  if not isinstance(getattr(cfg, "flip_average", False), bool):
+  if not isinstance(cfg.flip_average, bool):
     raise TypeError(f"flip_average must be True or False, got {cfg.flip_average!r}")

@@ -5,8 +5,9 @@
 from wcdm_jax.inverse.operators import (BlockAverage, Inpainting, Operator, RandomPixels,
                                         RandomProjection, SpectralLowpass, box_mask)
 from wcdm_jax.inverse import operators, solver
-from wcdm_jax.inverse.solver import ORIGINAL, SolverConfig, check_problem, constrained_ascent, solve
+from wcdm_jax.inverse.solver import (DEFAULT_ASCENT, ORIGINAL, SolverConfig, check_problem,
+                                     constrained_ascent, default_sampler, solve)
 
-__all__ = ["BlockAverage", "Inpainting", "ORIGINAL", "Operator", "RandomPixels",
+__all__ = ["BlockAverage", "DEFAULT_ASCENT", "Inpainting", "ORIGINAL", "Operator", "RandomPixels",
            "RandomProjection", "SolverConfig", "SpectralLowpass", "box_mask", "check_problem",
-           "constrained_ascent", "solve"]
+           "constrained_ascent", "default_sampler", "solve"]

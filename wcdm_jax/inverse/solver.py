@@ -34,77 +34,85 @@ from wcdm_jax.settings import setting
 from wcdm_jax.inverse import operators as ops
 
 
+# The solver's ascent: SolverConfig(sampler=None) runs it with beta chosen by operator
+# (default_beta). It starts at mean 0.5 off the measurements, as the original does.
+DEFAULT_ASCENT = sampling.AscentConfig(h0=0.01, beta=0.05, sigma_0=1.0, sigma_L=0.01,
+                                       ascending=True, max_steps=3000, abort_sigma=3.0,
+                                       mean_0=0.5)
+
+
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
-  """Settings of the constrained ascent.
+  """Settings of the inverse-problem solver.
 
-  h0, ascending: step size h_t = h0 t / (1 + h0 (t - 1)) (or fixed h0). beta in (0, 1]:
-  injected noise (1 = none). sigma_0: std of y_0's noise. sigma_L: stop once sigma_t <=
-  sigma_L. max_steps: cap on updates (a sample that hits it is not ``converged``).
-  abort_sigma: stop and flag a sample whose sigma_t exceeds it or is not finite.
+  sampler: the iteration, constrained to the measurements: a ``sampling.AscentConfig`` (the
+  constrained stochastic ascent of the module docstring: its h0, beta, sigma_0, sigma_L,
+  ascending, max_steps, abort_sigma; mean_0 is the initial state's value off the
+  measurements) or a ``sampling.FlowConfig`` (the constrained probability flow: dy/dsigma =
+  d(y) / sigma on its noise schedule, d the constrained residual below, its last step y - d(y)
+  the denoised image with the measured part replaced by the measurements). None:
+  ``DEFAULT_ASCENT`` with beta by operator (``default_beta``), measured in
+  docs/inverse_problems.md: 0.1 for a hole (the original's 0.01 fills a 40x40 hole in a face
+  far too bright and ends no better than zero-filling), 0.05 for measurements spread over the
+  image (random pixels, block averages, low frequencies, random projections), which converge
+  better with less injected noise.
   project: end with the exact projection onto the measurements.
   method: 'auto' (coarse-to-fine for BlockAverage(2^J) on a J-level Haar model, else the
-  plug-in ascent), 'plugin' or 'coarse_to_fine'.
-  cond_config: the conditional samplers of the coarse-to-fine solver (None: ``flow`` if given,
-  else the release's ascents).
-  flow: a ``sampling.FlowConfig``: the constrained probability flow instead of the ascent
-  (dy/dsigma = d(y) / sigma on its noise schedule, d the constrained residual below; its last
-  step y - d(y) is the denoised image with the measured part replaced by the measurements);
-  h0, beta, sigma_0, sigma_L, ascending and max_steps then do not apply.
-
-  beta=None picks by operator (``default_beta``), measured in docs/inverse_problems.md: 0.1
-  for a hole (the original's 0.01 fills a 40x40 hole in a face far too bright and ends no
-  better than zero-filling), 0.05 for measurements spread over the image (random pixels,
-  block averages, low frequencies, random projections), which converge better with less
-  injected noise.
+  plug-in iteration), 'plugin' or 'coarse_to_fine'.
+  cond_config: the conditional samplers of the coarse-to-fine solver (None: ``sampler`` if it
+  is a FlowConfig, else ``super_resolve``'s default).
   """
-  h0: float = setting(0.01, "Step size (the first step's when ascending).")
-  beta: float | None = setting(None, "Injected noise, in (0, 1] (1 = none); auto: by operator "
-                               "(0.1 for a hole, 0.05 for spread measurements).",
-                               none_word="auto")
-  sigma_0: float = setting(1.0, "Std of the initial state's noise.")
-  sigma_L: float = setting(0.01, "Stop once the effective noise is below this.")
-  ascending: bool = setting(True, "Ascending step sizes h_t = h0 t / (1 + h0 (t - 1)).")
-  max_steps: int = setting(3000, "Step cap per image (an image that reaches it is not "
-                           "converged).")
-  abort_sigma: float = setting(3.0, "Stop and flag an image whose effective noise exceeds it.")
+  sampler: Any = None
   project: bool = setting(True, "End with the exact projection onto the measurements.")
   method: str = setting("auto", "auto (coarse-to-fine where the model and operator allow it), "
                         "plugin or coarse_to_fine.", choices=("auto", "plugin", "coarse_to_fine"))
   cond_config: Any = None
-  flow: Any = None
 
   def __post_init__(self):
-    validation.ascent_settings(self)  # beta None: chosen by operator
-    if self.flow is not None and not isinstance(self.flow, sampling.FlowConfig):
-      raise TypeError(f"flow must be a wcdm_jax.sampling.FlowConfig or None, got "
-                      f"{type(self.flow).__name__}")
+    if self.sampler is not None and not isinstance(
+        self.sampler, (sampling.AscentConfig, sampling.FlowConfig)):
+      raise TypeError(f"sampler must be a wcdm_jax.AscentConfig, FlowConfig or None, got "
+                      f"{type(self.sampler).__name__}")
+    if self.sampler is not None and self.sampler.flip_average:
+      raise ValueError("sampler: flip_average does not apply to inverse problems (the "
+                       "measurements are not mirror-symmetric): set flip_average=False")
     if self.method not in ("auto", "plugin", "coarse_to_fine"):
       raise ValueError(f"method must be 'auto', 'plugin' or 'coarse_to_fine', got "
                        f"{self.method!r}")
 
 
 # The original code's settings: no projection, no cap in spirit (a generous one here), no abort.
-ORIGINAL = SolverConfig(beta=0.01, project=False, max_steps=20000, abort_sigma=math.inf,
-                        method="plugin")
+ORIGINAL = SolverConfig(
+    sampler=dataclasses.replace(DEFAULT_ASCENT, beta=0.01, max_steps=20000,
+                                abort_sigma=math.inf),
+    project=False, method="plugin")
 
 
 def default_beta(op: ops.Operator) -> float:
-  """The injected-noise setting of ``SolverConfig(beta=None)`` for an operator."""
+  """The injected noise of ``SolverConfig(sampler=None)``'s ascent for an operator."""
   return 0.1 if isinstance(op, ops.Inpainting) else 0.05
 
 
+def default_sampler(op: ops.Operator, **changes: Any) -> sampling.AscentConfig:
+  """The ascent ``SolverConfig(sampler=None)`` runs for ``op``.
+
+  Args:
+    op: the measurement operator (a hole gets beta 0.1, spread measurements 0.05).
+    **changes: ``AscentConfig`` fields to change, e.g. ``max_steps=400``.
+
+  Returns:
+    ``DEFAULT_ASCENT`` with ``default_beta(op)``, then ``changes``.
+  """
+  return dataclasses.replace(DEFAULT_ASCENT, beta=default_beta(op), **changes)
+
+
 def resolve(cfg: SolverConfig, op: ops.Operator) -> SolverConfig:
-  """``cfg`` with beta filled in for ``op`` when it is None."""
-  return cfg if cfg.beta is not None else dataclasses.replace(cfg, beta=default_beta(op))
-
-
-def _ascent_config(cfg: SolverConfig) -> sampling.AscentConfig:
-  return sampling.AscentConfig(h0=cfg.h0, beta=cfg.beta, ascending=cfg.ascending)
+  """``cfg`` with its sampler filled in for ``op`` when it is None."""
+  return cfg if cfg.sampler is not None else dataclasses.replace(cfg, sampler=default_sampler(op))
 
 
 def constrained_ascent(keys: jax.Array, residual_fn, op: ops.Operator, measurements: jax.Array,
-                       y0: jax.Array, cfg: SolverConfig):
+                       y0: jax.Array, cfg: sampling.AscentConfig):
   """The constrained stochastic ascent for a batch (the module docstring's iteration); jittable.
 
   Args:
@@ -113,17 +121,15 @@ def constrained_ascent(keys: jax.Array, residual_fn, op: ops.Operator, measureme
     op: the measurement operator.
     measurements: (B, ...) ``op.forward`` of the images.
     y0: (B, H, W, C) initial states (``initial_state``).
-    cfg: the solver's settings (beta None: chosen for ``op``).
+    cfg: the ascent's settings (``SolverConfig.sampler``).
 
   Returns:
     (y - f(y) at each image's final state, ``sampling.AscentInfo``).
   """
-  cfg = resolve(cfg, op)
-  acfg = _ascent_config(cfg)
   d_fn = constrained_residual(residual_fn, op, measurements)
 
   def step(y, t):
-    y_new, sigma = sampling.ascent_move(keys, y, d_fn(y), t, acfg)
+    y_new, sigma = sampling.ascent_move(keys, y, d_fn(y), t, cfg)
     return y_new, sigma, sigma <= cfg.sigma_L, jnp.zeros_like(sigma, bool)
 
   sigma0 = sampling.rms(residual_fn(y0))
@@ -149,11 +155,11 @@ def constrained_residual(residual_fn, op: ops.Operator, measurements: jax.Array)
 
 
 def initial_state(keys: jax.Array, op: ops.Operator, measurements: jax.Array,
-                  image_shape: ops.Shape, sigma_0: float) -> jax.Array:
-  """y_0 = 0.5 (I - M M^T) 1 + M x_c + sigma_0 z, z from each sample's key: (B, H, W, C)."""
+                  image_shape: ops.Shape, sigma_0: float, mean_0: float = 0.5) -> jax.Array:
+  """y_0 = mean_0 (I - M M^T) 1 + M x_c + sigma_0 z, z from each sample's key: (B, H, W, C)."""
   b = measurements.shape[0]
   ones = jnp.ones((b,) + tuple(image_shape), jnp.float32)
-  mean = 0.5 * (ones - op.project(ones)) + op.adjoint(measurements)
+  mean = mean_0 * (ones - op.project(ones)) + op.adjoint(measurements)
   z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), tuple(image_shape), jnp.float32))(keys)
   return mean + sigma_0 * z
 
@@ -173,13 +179,14 @@ def _plugin(keys, params, op, measurements, cfg, conv_impl, mesh=None):
 
 def _plugin_local(keys, params, op, measurements, cfg, conv_impl):
   shape = op.image_shape()
-  if cfg.flow is None:
-    y0 = initial_state(keys, op, measurements, shape, cfg.sigma_0)
-    x, info = constrained_ascent(keys, residual(params, conv_impl), op, measurements, y0, cfg)
+  s = cfg.sampler  # resolved: not None
+  if isinstance(s, sampling.AscentConfig):
+    y0 = initial_state(keys, op, measurements, shape, s.sigma_0, s.mean_0)
+    x, info = constrained_ascent(keys, residual(params, conv_impl), op, measurements, y0, s)
   else:
-    y0 = initial_state(keys, op, measurements, shape, cfg.flow.sigma_max)
+    y0 = initial_state(keys, op, measurements, shape, s.sigma_max, s.mean_0)
     x, info = sampling.ascent(keys, constrained_residual(residual(params, conv_impl), op,
-                                                         measurements), shape, cfg.flow, y0)
+                                                         measurements), shape, s, y0)
   if cfg.project:
     x = x - op.project(x) + op.adjoint(measurements)
   return x, info
@@ -257,7 +264,8 @@ def solve(key: jax.Array, params: models.ModelParams, op: ops.Operator, measurem
       ``RandomProjection``.
     measurements: (B, ...) ``op.forward(images)``.
     config: a ``SolverConfig`` (default: ours; ``inverse.ORIGINAL`` for the original's
-      settings; ``SolverConfig(flow=FlowConfig(...))`` for the constrained probability flow).
+      settings; ``SolverConfig(sampler=FlowConfig(...))`` for the constrained probability
+      flow).
     return_info: also return a ``sampling.AscentInfo`` (for the coarse-to-fine solver, a list
       of one per level, coarse first).
     conv_impl: how convolutions run.
@@ -291,7 +299,8 @@ def solve(key: jax.Array, params: models.ModelParams, op: ops.Operator, measurem
     measurements = measurements.astype(jnp.float32)
   if uses_coarse_to_fine(params, op, cfg):
     low = measurements / op.factor  # block means = the J-level Haar low-pass
-    out = sampling.super_resolve(keys, params, low, cond_config=cfg.cond_config or cfg.flow,
+    flow = cfg.sampler if isinstance(cfg.sampler, sampling.FlowConfig) else None
+    out = sampling.super_resolve(keys, params, low, cond_config=cfg.cond_config or flow,
                                  return_intermediates=return_info, conv_impl=conv_impl,
                                  mesh=mesh)
     return (out[0], out[2]) if return_info else out
