@@ -11,7 +11,9 @@ flat and multi-scale panels) and, with --filters, OUT/filters.png (rows of each 
 Jacobian: the adaptive averaging it applies around a few pixels).
 
 With --swd_samples, instead: the multi-scale sliced Wasserstein distance of sample sets
-(sample.py's samples.npz) against --images, a sample-quality figure without ground truth:
+(sample.py's samples.npz) against --images, a sample-quality figure without ground truth, and
+the layout distance (quality.layout: the coarse images' energy outside the reference's principal
+images, which patches miss; needs 2 (--layout_components + 1) images):
 
   python launch/evaluate.py --swd_samples=models/ms_rf13/samples/samples.npz \
       --images=folder:../shared/data/celeba-aligned --crop=celeba --split=eval --num_images=256
@@ -73,6 +75,8 @@ flags.DEFINE_integer("swd_directions", 512, "--swd_samples: random directions pe
                      lower_bound=1)
 flags.DEFINE_integer("swd_bootstrap", 50, "--swd_samples: bootstrap resamples of the 95% "
                      "interval (0: none).", lower_bound=0)
+flags.DEFINE_integer("layout_components", 16, "--swd_samples: principal images of the layout "
+                     "distance (0: no layout distance).", lower_bound=0)
 
 
 def _swd() -> None:
@@ -92,6 +96,11 @@ def _swd() -> None:
   images = common.load_images(FLAGS.images, size, channels, FLAGS.crop, FLAGS.num_images,
                               FLAGS.split, FLAGS.eval_fraction)
   common.log(f"reference: {len(images)} images of {size}x{size} from {FLAGS.images}")
+  need = 2 * (FLAGS.layout_components + 1)
+  if FLAGS.layout_components and len(images) < need:
+    common.fail(f"--layout_components={FLAGS.layout_components} needs at least {need} reference "
+                f"images, --images gave {len(images)}: raise --num_images or set "
+                "--layout_components=0 (no layout distance)")
   out = {}
   for path, x in sets.items():
     try:
@@ -102,7 +111,15 @@ def _swd() -> None:
     out[path] = {"swd": d.mean, "swd_ci": d.mean_ci, "per_level": d.per_level,
                  "per_level_ci": d.per_level_ci, "levels": d.levels, "num_samples": len(x)}
     ci = f" [{d.mean_ci[0] * 1e3:.2f}, {d.mean_ci[1] * 1e3:.2f}]" if d.mean_ci else ""
-    common.log(f"{path}: SWD x1e3 {d.mean * 1e3:.2f}{ci}; per level (finest first) " +
+    line = f"{path}: SWD x1e3 {d.mean * 1e3:.2f}{ci}"
+    if FLAGS.layout_components:
+      lay = quality.layout(x, images, components=FLAGS.layout_components, seed=FLAGS.seed,
+                           bootstrap=4 * FLAGS.swd_bootstrap)
+      out[path].update(layout=lay.distance, layout_ci=lay.ci, layout_residual=lay.residual,
+                       reference_residual=lay.reference_residual)
+      line += (f"; layout x1e3 {lay.distance * 1e3:.1f} (residual {lay.residual:.3f}, the "
+               f"reference's {lay.reference_residual:.3f})")
+    common.log(line + "; SWD per level (finest first) " +
                " ".join(f"{v * 1e3:.2f}" for v in d.per_level))
   os.makedirs(FLAGS.out, exist_ok=True)
   with open(os.path.join(FLAGS.out, "swd.json"), "w") as f:

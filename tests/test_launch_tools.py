@@ -83,11 +83,15 @@ def test_sample_with_the_flow_then_judge_by_swd(tiny_model, tmp_path):
   out = tmp_path / "eval"
   res = _run("evaluate.py", f"--swd_samples={tmp_path / 'samples.npz'}", "--images=deadleaves",
              "--num_images=8", "--swd_patches=512", "--swd_directions=16", "--swd_bootstrap=4",
-             f"--out={out}")
+             "--layout_components=2", f"--out={out}")
   with open(out / "swd.json") as f:
     swd = json.load(f)["sets"][str(tmp_path / "samples.npz")]
   assert swd["levels"] == [[16, 16]] and swd["swd"] > 0 and len(swd["swd_ci"]) == 2
-  assert "SWD x1e3" in res.stdout
+  assert swd["layout"] > 0 and len(swd["layout_ci"]) == 2 and 0 < swd["layout_residual"] < 1
+  assert "SWD x1e3" in res.stdout and "layout x1e3" in res.stdout
+  bad = cli.run("evaluate.py", f"--swd_samples={tmp_path / 'samples.npz'}",
+                "--images=deadleaves", "--num_images=8", f"--out={out}")
+  assert bad.returncode == 1 and "--layout_components=16 needs at least 34" in bad.stderr
   bad = cli.run("evaluate.py", f"--swd_samples={tmp_path / 'samples.json'}")
   assert bad.returncode == 1 and "not a samples.npz" in bad.stderr
   bad = cli.run("sample.py", f"--model={tiny_model}", "--low_sampler=flow",
