@@ -76,11 +76,8 @@ def inverse_samplers():
   from wcdm_jax import inverse, sampling  # pylint: disable=g-import-not-at-top
   flow = lambda **kw: lambda op: inverse.SolverConfig(
       sampler=sampling.FlowConfig(mean_0=0.5, **kw))
-  ascent = lambda h0: lambda op: inverse.SolverConfig(
-      sampler=inverse.default_sampler(op, h0=h0))
+  # (A larger first step, h0 0.05, saves only 1.7x on the hole with flat RF 43: 74 evals.)
   return {"default": lambda op: inverse.SolverConfig(),
-          "ascent_h0.05": ascent(0.05),
-          "ascent_h0.1": ascent(0.1),
           "euler20_smax1": flow(method="euler", num_steps=20, sigma_max=1.0, churn=0.0),
           "euler20": flow(method="euler", num_steps=20, sigma_max=3.0, churn=0.1),
           "heun11_smax1": flow(num_steps=11, sigma_max=1.0, churn=0.0)}
