@@ -18,6 +18,10 @@ Parts (--parts):
   full  160x160 samples: each low-pass sampler's samples refined by the conditional scales with
         the matching conditional sampler; SWD against the reference images.
   sr    4x super-resolution of the real set's low-pass: PSNR of each conditional sampler.
+  time  wall time per full-size sample of the release's settings and of the model's
+        recommended ones (sample(key, params)), one after the other in this run, on
+        --time_samples fresh samples each (nothing cached; compilation included, its time
+        measured apart).
   inverse  inverse.solve on the first --inverse_images real images with the flat RF 43 and the
         multi-scale prior: a centred 40x40 hole, 90% missing pixels, 4x block averages; PSNR of
         each solver setting (inverse_samplers()) against today's default, paired by image.
@@ -27,8 +31,9 @@ face with misplaced parts); a sampler meets the synthesis target when both its p
 differences to the release's are within the real-vs-real tolerance.
 Samples are cached in OUT/cache/ by model, sampler, count and seed: a rerun only computes
 what is new (the release sampler's set takes about an hour on a 2-core CPU). Prints a table,
-writes OUT/sample_quality.json and OUT/sample_quality.png (SWD against evaluations, one curve
-per sampler family, the release setting marked).
+writes OUT/sample_quality.json, OUT/sample_quality.png (SWD against evaluations, one curve
+per sampler family, the release setting marked) and OUT/samples_low.png / samples_full.png
+(each sampler's first 8 samples, one row each).
 """
 from __future__ import annotations
 
@@ -50,7 +55,8 @@ MODEL = "ms_celebA_160x160_gray_rf13"
 
 def samplers():
   """{name: (low-pass sampler, conditional sampler, family)}: the release's ascent, the
-  quickstart's ascending ascent, and the probability flow at several budgets."""
+  ascending ascent (the default), and the probability flow at several budgets. A conditional
+  sampler None stands for the release's conditional ascents (sampling.release_settings)."""
   from wcdm_jax import sampling  # pylint: disable=g-import-not-at-top
   out = {"release": (sampling.RELEASE_LOW, None, "release ascent"),
          "ascending": (dataclasses.replace(sampling.RELEASE_LOW, ascending=True, beta=0.1,
@@ -58,6 +64,11 @@ def samplers():
                        None, "ascending ascent")}
   # The flow's low-pass starts at mid-grey; the details' at 0, their mean. sigma_max 1 is the
   # nets' training range; 3 with a little churn measured best on this model's low-pass.
+  for h0 in (0.03, 0.1):  # a larger first step: fewer steps
+    out[f"ascending_h{h0:g}"] = (dataclasses.replace(out["ascending"][0], h0=h0), None,
+                                  "ascending ascent")
+  out["ascending_euler16"] = (out["ascending"][0], sampling.FAST_COND,
+                              "ascending ascent, Euler details")
   for n, smax, churn in ((18, 1.0, 0.0), (6, 3.0, 0.1), (11, 3.0, 0.1), (18, 3.0, 0.1),
                          (32, 3.0, 0.1), (64, 3.0, 0.1), (18, 3.0, 0.0)):
     flow = sampling.FlowConfig(num_steps=n, mean_0=0.5, sigma_max=smax, churn=churn)
@@ -116,6 +127,7 @@ def main(argv=None):
   p.add_argument("--bootstrap", type=int, default=50)
   p.add_argument("--chunk", type=int, default=4, help="samples per cached batch")
   p.add_argument("--inverse_images", type=int, default=8)
+  p.add_argument("--time_samples", type=int, default=2)
   args = p.parse_args(argv)
   if not os.path.isdir(bench.RELEASE) or not os.path.isdir(DATA):
     sys.exit(f"error: needs the released models ({bench.RELEASE}) and CelebA ({DATA})")
@@ -137,6 +149,7 @@ def main(argv=None):
              f"{[m for m in released if m.startswith('ms_')]}")
   params = pretrained.load_release_model(released[args.model])
   levels, size = params.spec.levels, params.spec.image_size[0]
+  release_cond = sampling.release_settings(levels).cond  # what a None in samplers() stands for
   n = args.num_samples
   images = common.load_images(f"folder:{DATA}", size, 1, "celeba",
                               2 * n + args.reference_images, "eval", 0.1)
@@ -233,10 +246,10 @@ def main(argv=None):
       for m, f in diffs.items():
         d, (lo, hi) = f(x, sets["release"], reference)
         ok = d <= tols[m]
-        r[m] = {"delta_vs_release": d, "delta_ci": (lo, hi), "meets": bool(ok)}
+        r[f"{m.lower()}_vs_release"] = {"delta": d, "delta_ci": (lo, hi), "meets": bool(ok)}
         verdicts.append(f"{m} {d * 1e3:+7.2f} [{lo * 1e3:+.2f}, {hi * 1e3:+.2f}] "
                         + ("ok" if ok else f"misses by {(d - tols[m]) * 1e3:.2f}"))
-      r["meets"] = all(r[m]["meets"] for m in diffs)
+      r["meets"] = all(r[f"{m.lower()}_vs_release"]["meets"] for m in diffs)
       print(f"{part:5s} {name:24s} minus the release's, x1e3: " + "; ".join(verdicts)
             + f": {'meets' if r['meets'] else 'misses'} the target", flush=True)
 
@@ -268,6 +281,7 @@ def main(argv=None):
         # The low-pass of images in [0, 1] spans [0, 2^J]: noise 0.02 of that range.
         degraded("low", rel, ref_low, 2.0 ** levels)
     compare("low", sets, ref_low, real_low, real2_low)
+    _sample_grid(sets, os.path.join(args.out, "samples_low.png"))
   if "full" in parts:
     row("full", "real (floor)", real, ref)
     sets = {}
@@ -276,7 +290,8 @@ def main(argv=None):
       low = low_samples(name)
 
       def make(k, start, name=name, cond_cfg=cond_cfg, low=low):
-        conds = sampling._cond_configs(params.spec, cond_cfg)  # pylint: disable=protected-access
+        conds = sampling._cond_configs(params.spec, release_cond if cond_cfg is None  # pylint: disable=protected-access
+                                       else cond_cfg)
         first = rescaled(name, low["low"][start:start + len(k)])
         outs, infos = sampling._refine(  # pylint: disable=protected-access
             k, params, jax.numpy.asarray(first), conds)
@@ -288,6 +303,7 @@ def main(argv=None):
       if name == "release":
         degraded("full", f["x"], ref, 1.0)
     compare("full", sets, ref, real, real2)
+    _sample_grid(sets, os.path.join(args.out, "samples_full.png"))
   if "sr" in parts:
     seen, base = set(), None
     for name in ["release"] + [c for c in chosen if c != "release"]:
@@ -297,7 +313,8 @@ def main(argv=None):
       seen.add(repr(cond_cfg))
       t0 = time.time()
       sr, _, infos = wcdm_jax.super_resolve(jax.random.key(args.seed + 1), params, real_low,
-                                            cond_config=cond_cfg, return_intermediates=True)
+                                            cond_config=release_cond if cond_cfg is None
+                                            else cond_cfg, return_intermediates=True)
       psnr = np.asarray(evaluation.psnr(sr, real))
       dt = time.time() - t0
       ev = float(np.mean(sum(np.asarray(i.evals) for i in infos)))
@@ -317,6 +334,8 @@ def main(argv=None):
                  f"{'meets' if r['meets'] else 'misses'} the target")
       results["rows"].append(r)
       print(line, flush=True)
+  if "time" in parts:
+    _time_part(args, params, keys, results)
   if "inverse" in parts and size != 160:
     print(f"inverse: skipped (the flat RF 43 prior is a 160x160 model; --model is {size}x{size})")
   elif "inverse" in parts:
@@ -326,6 +345,48 @@ def main(argv=None):
     json.dump(results, fh, indent=1)
   print(f"wrote {os.path.join(args.out, 'sample_quality.json')}")
   _figure(results, table, os.path.join(args.out, "sample_quality.png"))
+
+
+def _sample_grid(sets: dict, path: str, count: int = 8) -> None:
+  """One row per sampler (in --samplers order): its first ``count`` samples."""
+  from wcdm_jax import reporting  # pylint: disable=g-import-not-at-top
+  reporting.save_png(path, reporting.image_grid([list(x[:count]) for x in sets.values()]))
+  print(f"wrote {path} (rows: {', '.join(sets)})")
+
+
+def _time_part(args, params, keys, results: dict) -> None:
+  """Seconds per sample of the release's settings and of the recommended ones, side by side."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import wcdm_jax  # pylint: disable=g-import-not-at-top
+  from wcdm_jax import sampling  # pylint: disable=g-import-not-at-top
+  spec = params.spec
+  k = keys[:args.time_samples]
+  shape = (spec.image_size[0] // 2 ** spec.levels, spec.image_size[1] // 2 ** spec.levels,
+           spec.channels)
+  rec = params.sampling or sampling.release_recommended(spec.levels)
+  seconds = {}
+  for name, s in (("release settings", sampling.release_settings(spec.levels)),
+                  ("recommended (the default)", rec)):
+    t0 = time.time()  # compilation alone: the low-pass and the details' programs
+    sampling._global_ascent.lower(k, params, shape, s.low).compile()  # pylint: disable=protected-access
+    sampling._refine.lower(k, params, jax.ShapeDtypeStruct((len(k),) + shape, jax.numpy.float32),  # pylint: disable=protected-access
+                           s.cond).compile()
+    compile_s = time.time() - t0
+    t0 = time.time()
+    x, _, infos = wcdm_jax.sample(k, params, low_config=s.low, cond_config=s.cond,
+                                  low_rescale=s.low_rescale, return_intermediates=True)
+    jax.block_until_ready(x)
+    dt = time.time() - t0
+    evals = float(sum(float(i.evals.mean()) for i in infos))
+    seconds[name] = dt / len(k)
+    results["rows"].append({"part": "time", "sampler": name, "seconds_per_sample": dt / len(k),
+                            "compile_seconds": compile_s, "evals": evals})
+    print(f"time  {name:26s} {evals:8.0f} evals  {dt / len(k):8.1f} s per sample "
+          f"(a batch of {len(k)}, compilation included; compiling alone took {compile_s:.0f} s)",
+          flush=True)
+  ratio = seconds["release settings"] / seconds["recommended (the default)"]
+  print(f"time  the recommended settings are {ratio:.1f}x faster per sample than the release's",
+        flush=True)
 
 
 def _inverse_part(args, ms_params, images, cache: str, results: dict) -> None:
@@ -388,28 +449,31 @@ def _figure(results: dict, table: dict, path: str) -> None:
   parts = [p for p in ("low", "full") if any(r["part"] == p for r in results["rows"])]
   if not parts:
     return
-  fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False)
-  for ax, part in zip(axes[0], parts):
+  metrics = (("swd", "SWD x 1e3"), ("layout", "layout distance x 1e3"))
+  fig, axes = plt.subplots(len(metrics), len(parts), figsize=(6 * len(parts), 9),
+                           squeeze=False)
+  for col, part in enumerate(parts):
     rows = [r for r in results["rows"] if r["part"] == part]
     families = {}
     for r in rows:
       if r["sampler"] in table and r["evals"]:
         families.setdefault(table[r["sampler"]][2], []).append(r)
-    for fam, rs in families.items():
-      rs.sort(key=lambda r: r["evals"])
-      ax.errorbar([r["evals"] for r in rs], [r["swd"] * 1e3 for r in rs],
-                  yerr=[[(r["swd"] - r["swd_ci"][0]) * 1e3 for r in rs],
-                        [(r["swd_ci"][1] - r["swd"]) * 1e3 for r in rs]],
-                  marker="*" if fam == "release ascent" else "o", ms=12 if fam == "release ascent"
-                  else 5, capsize=3, label=fam)
-    for r in rows:
-      if r["sampler"] == "real (floor)":
-        ax.axhline(r["swd"] * 1e3, color="k", ls=":", label="real images (floor)")
-    ax.set_xscale("log")
-    ax.set_xlabel("network evaluations per sample")
-    ax.set_ylabel("SWD x 1e3 (lower is better)")
-    ax.set_title({"low": "low-pass samples", "full": "full-size samples"}[part])
-    ax.legend(fontsize=8)
+    for (key, label), ax in zip(metrics, axes[:, col]):
+      for fam, rs in families.items():
+        rs = sorted(rs, key=lambda r: r["evals"])
+        ax.errorbar([r["evals"] for r in rs], [r[key] * 1e3 for r in rs],
+                    yerr=[[(r[key] - r[key + "_ci"][0]) * 1e3 for r in rs],
+                          [(r[key + "_ci"][1] - r[key]) * 1e3 for r in rs]],
+                    marker="*" if fam == "release ascent" else "o",
+                    ms=12 if fam == "release ascent" else 5, capsize=3, label=fam)
+      for r in rows:
+        if r["sampler"] == "real (floor)":
+          ax.axhline(r[key] * 1e3, color="k", ls=":", label="real images (floor)")
+      ax.set_xscale("log")
+      ax.set_xlabel("network evaluations per sample")
+      ax.set_ylabel(f"{label} (lower is better)")
+      ax.set_title({"low": "low-pass samples", "full": "full-size samples"}[part])
+      ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   print(f"wrote {path}")

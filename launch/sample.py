@@ -30,23 +30,22 @@ flags.DEFINE_integer("image_size", 0, "Sample size (0 = the model's training siz
                      lower_bound=0)
 flags.DEFINE_list("low_rescale", [], "Per-image min-max rescale of the sampled low-pass, e.g. "
                   "0,0.8 (the release's); empty = none.")
-# The ascents' settings are sampling.AscentConfig's fields (launch/flagdefs.py), with the
-# release's values as defaults: --low_* for the low-pass (or flat) scale, --cond_* for the
-# conditional ones.
-flagdefs.define(sampling.AscentConfig, prefix="low_", skip=("flip_average",),
-                defaults=sampling.RELEASE_LOW, help_prefix="Low-pass ascent: ")
-flagdefs.define(sampling.AscentConfig, prefix="cond_", skip=("flip_average", "mean_0"),
-                defaults=sampling.RELEASE_COND, help_prefix="Conditional ascents: ")
-# The probability-flow sampler (sampling.FlowConfig): --low_sampler=flow / --cond_sampler=flow,
-# its settings as --low_flow_* / --cond_flow_*.
+# Each scale's sampler: the stochastic ascent (sampling.AscentConfig's fields, launch/flagdefs.py)
+# or the probability flow (sampling.FlowConfig's, as --*_flow_*): --low_* for the low-pass (or
+# flat) scale, --cond_* for the conditional ones. Defaults: the library's (sampling.DEFAULT_LOW;
+# the release's conditional ascents); the conditional flows' are sampling.FAST_COND's.
 flags.DEFINE_enum("low_sampler", "ascent", ["ascent", "flow"], "Low-pass (or flat) scale: the "
                   "stochastic ascent (--low_*) or the probability flow (--low_flow_*).")
 flags.DEFINE_enum("cond_sampler", "ascent", ["ascent", "flow"], "Conditional scales: the "
                   "stochastic ascent (--cond_*) or the probability flow (--cond_flow_*).")
+flagdefs.define(sampling.AscentConfig, prefix="low_", skip=("flip_average",),
+                defaults=sampling.DEFAULT_LOW, help_prefix="Low-pass ascent: ")
+flagdefs.define(sampling.AscentConfig, prefix="cond_", skip=("flip_average", "mean_0"),
+                defaults=sampling.RELEASE_COND, help_prefix="Conditional ascents: ")
 flagdefs.define(sampling.FlowConfig, prefix="low_flow_", skip=("flip_average",),
                 defaults=sampling.FlowConfig(mean_0=0.5), help_prefix="Low-pass flow: ")
 flagdefs.define(sampling.FlowConfig, prefix="cond_flow_", skip=("flip_average", "mean_0"),
-                help_prefix="Conditional flows: ")
+                defaults=sampling.FAST_COND, help_prefix="Conditional flows: ")
 flags.DEFINE_float("cond_sigma_L_finest", sampling.RELEASE_COND_FINEST.sigma_L,
                    "Final noise level at the finest level.")
 flags.DEFINE_bool("flip_average", False, "Every scale's ascent uses the net's residual averaged "

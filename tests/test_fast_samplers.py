@@ -169,3 +169,22 @@ def test_a_model_carries_its_recommended_sampler(ms, tmp_path):
     wcdm_jax.load_params(str(tmp_path / "m"))
   with pytest.raises(ValueError, match="low_rescale must be"):
     wcdm_jax.sample(jax.random.key(0), ms, 1, low_rescale="auto")
+
+
+def test_defaults_and_the_release_recommendation(ms):
+  """Without a recommendation: DEFAULT_LOW and the release's conditional ascents; the released
+  models' recommendation: DEFAULT_LOW from 0 with the release's rescale and FAST_COND; the
+  release's own settings one call away."""
+  low, conds, rescale = sampling.resolve_settings(ms)
+  assert low == sampling.DEFAULT_LOW and low.ascending and low.mean_0 == 0.5
+  assert conds == (sampling.RELEASE_COND_FINEST, sampling.RELEASE_COND) and rescale is None
+  rec = sampling.release_recommended(2)
+  assert rec.low == dataclasses.replace(sampling.DEFAULT_LOW, mean_0=0.0)
+  assert rec.cond == (sampling.FAST_COND,) * 2 and rec.low_rescale == (0.0, 0.8)
+  assert sampling.FAST_COND.evals(sampling.FAST_COND.num_steps - 1) == 16
+  old = sampling.release_settings(2)
+  assert old.low == sampling.RELEASE_LOW and old.cond == (sampling.RELEASE_COND_FINEST,
+                                                          sampling.RELEASE_COND)
+  params = dataclasses.replace(ms, sampling=rec)
+  assert sampling.resolve_settings(params) == (rec.low, rec.cond, (0.0, 0.8))
+  assert sampling.resolve_settings(params, low_config=sampling.RELEASE_LOW)[0] == sampling.RELEASE_LOW

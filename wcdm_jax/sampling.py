@@ -144,6 +144,20 @@ class FlowConfig:
 
 Sampler = AscentConfig | FlowConfig  # one scale's settings
 
+# Chosen by measurement (benchmarks/bench_sample_quality.py, docs/sampling.md).
+# The low-pass default: the ascending ascent (about 100 steps; the release's fixed step takes
+# about 8,500), as good by the patch SWD and the layout distance (within the real-vs-real
+# tolerance) on the released CelebA models and better by the SWD on the quickstart's. It starts
+# at mid-grey (a model trained here needs no rescale; the released models' recommendation starts
+# at 0 and rescales, as the release does).
+DEFAULT_LOW = AscentConfig(h0=0.01, beta=0.1, sigma_L=0.05, ascending=True, max_steps=3000,
+                           mean_0=0.5)
+# The conditional scales of the released models: 16 Euler steps of the probability flow from
+# sigma 3 with a little churn (4x super-resolution at the release's PSNR with 1/5 of its network
+# calls). Not the library's default: on the quickstart's model it loses 1.6 dB against the
+# release's conditional ascents, which stay the default for models without a recommendation.
+FAST_COND = FlowConfig(method="euler", num_steps=16, sigma_max=3.0, churn=0.1)
+
 
 @dataclasses.dataclass(frozen=True)
 class Recommended:
@@ -186,8 +200,18 @@ MODEL = "model"  # sample(low_rescale=MODEL): the model's recommendation
 
 
 def release_recommended(levels: int) -> Recommended:
-  """The release's settings for a J-level model: its ascents and the low-pass rescale to
-  [0, 0.8] (its low-pass nets were trained with intensity augmentation)."""
+  """What the released J-level models sample best with, as measured
+  (benchmarks/bench_sample_quality.py, docs/sampling.md): the default samplers, the low-pass
+  ascent started at 0 and rescaled to [0, 0.8] as the release does (its low-pass nets were
+  trained with intensity augmentation), ``FAST_COND`` for the details. The release's own
+  settings: ``release_settings``."""
+  return Recommended(dataclasses.replace(DEFAULT_LOW, mean_0=0.0),
+                     (FAST_COND,) * levels or None, (0.0, 0.8) if levels else None)
+
+
+def release_settings(levels: int) -> Recommended:
+  """The authors' released settings for a J-level model: the fixed-step low-pass ascent
+  (about 8,500 steps), the conditional ascents, the low-pass rescale to [0, 0.8]."""
   cond = tuple(RELEASE_COND_FINEST if j == 0 else RELEASE_COND for j in range(levels))
   return Recommended(RELEASE_LOW, cond or None, (0.0, 0.8) if levels else None)
 
@@ -396,7 +420,8 @@ def resolve_settings(params: models.ModelParams, low_config: Sampler | None = No
                      low_rescale: tuple[float, float] | None | str = MODEL
                      ) -> tuple[Sampler, tuple[Sampler, ...], tuple[float, float] | None]:
   """The settings ``sample`` runs with, checked: arguments first, then the model's
-  recommendation (``params.sampling``), then the release's.
+  recommendation (``params.sampling``), then the defaults (``DEFAULT_LOW``, the release's
+  conditional ascents).
 
   Returns:
     (the low-pass sampler, one conditional sampler per level finest first, the low-pass
@@ -414,7 +439,7 @@ def resolve_settings(params: models.ModelParams, low_config: Sampler | None = No
   if low_rescale is not None:
     low_rescale = validation.float_range(low_rescale, "low_rescale")
   if low_config is None:
-    low_config = rec.low if rec is not None else RELEASE_LOW
+    low_config = rec.low if rec is not None else DEFAULT_LOW
   if cond_config is None and rec is not None:
     cond_config = rec.cond
   return (_check_config(low_config, "low_config"), _cond_configs(params.spec, cond_config),
@@ -478,10 +503,11 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
     low_config: sampler of the low-pass net (flat models: of the flat net): an
       ``AscentConfig`` (the stochastic ascent) or a ``FlowConfig`` (the probability flow,
       10-100x fewer network calls); default the model's recommendation
-      (``params.sampling``), else the release's ascent (beta 0.01, fixed h 0.01, sigma_L 0.1).
+      (``params.sampling``), else ``DEFAULT_LOW`` (the ascending ascent, about 100 calls;
+      ``RELEASE_LOW`` is the release's, about 8,500).
     cond_config: one config or one per level (finest first); default the model's
-      recommendation, else the release's ascents (h0 0.01 ascending, beta 0.5, sigma_L 0.01;
-      0.015 at the finest level).
+      recommendation (``FAST_COND`` for the released models), else the release's ascents (h0
+      0.01 ascending, beta 0.5, sigma_L 0.01; 0.015 at the finest level).
     low_rescale: e.g. (0, 0.8), the release's per-image min-max rescale of the sampled
       low-pass before the details are synthesised (it compensates the low-pass net's
       intensity augmentation); None keeps the sampled low-pass as is; 'model' (default): the
@@ -533,7 +559,8 @@ def super_resolve(key: jax.Array, params: models.ModelParams, low_res: jax.Array
     low_res: (B, h, w, C) the normalised low-pass x_J (local averages, pixel units), e.g.
       ``wavelets.decompose(images, J).low``.
     cond_config: one ``AscentConfig`` / ``FlowConfig`` or one per level (finest first);
-      default the model's recommendation, else the release's ascents.
+      default the model's recommendation (``FAST_COND`` for the released models), else the
+      release's ascents.
     return_intermediates: also return [x_J, ..., x_0] and the per-level diagnostics.
     conv_impl: how convolutions run.
     mesh: split the batch over this mesh's 'data' axis; default: the mesh ``low_res`` is
