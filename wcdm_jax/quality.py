@@ -107,6 +107,15 @@ def _check_sets(*sets: np.ndarray) -> list[np.ndarray]:
   return sets
 
 
+def _check_paired(images, baseline, reference) -> list[np.ndarray]:
+  """``_check_sets``, and as many ``images`` as ``baseline`` (a paired comparison)."""
+  images, baseline, reference = _check_sets(images, baseline, reference)
+  if len(images) != len(baseline):
+    raise ValueError(f"images ({len(images)}) and baseline ({len(baseline)}) must hold as many "
+                     "images (paired by index)")
+  return images, baseline, reference
+
+
 class _Pyramids:
   """The sets' Laplacian pyramids and one set of directions per level, drawn from ``rng``."""
 
@@ -195,10 +204,7 @@ def swd_difference(images: jax.Array, baseline: jax.Array, reference: jax.Array,
   Returns: (difference of the level means, its interval).
   Raises: ValueError as ``swd``, or sets of different sizes.
   """
-  images, baseline, reference = _check_sets(images, baseline, reference)
-  if len(images) != len(baseline):
-    raise ValueError(f"images ({len(images)}) and baseline ({len(baseline)}) must hold as many "
-                     "images (paired by index)")
+  images, baseline, reference = _check_paired(images, baseline, reference)
   rng = np.random.default_rng(seed)
   pyr = _Pyramids((images, baseline, reference), rng, patch, patches, directions, min_size)
   n, m = len(images), len(reference)
@@ -320,10 +326,7 @@ def layout_difference(images: jax.Array, baseline: jax.Array, reference: jax.Arr
   Returns: (the difference of the distances, its interval).
   Raises: ValueError as ``layout``, or sets of different sizes.
   """
-  images, baseline, reference = _check_sets(images, baseline, reference)
-  if len(images) != len(baseline):
-    raise ValueError(f"images ({len(images)}) and baseline ({len(baseline)}) must hold as many "
-                     "images (paired by index)")
+  images, baseline, reference = _check_paired(images, baseline, reference)
   rng = np.random.default_rng(seed)
   eig = _Eigenimages(reference, size, components, rng)
   ra, rb, held = eig.residuals(images), eig.residuals(baseline), eig.held
