@@ -64,11 +64,16 @@ def samplers():
                        None, "ascending ascent")}
   # The flow's low-pass starts at mid-grey; the details' at 0, their mean. sigma_max 1 is the
   # nets' training range; 3 with a little churn measured best on this model's low-pass.
+  for beta, sigma_l in ((0.05, 0.05), (0.03, 0.05), (0.1, 0.02), (0.03, 0.1)):  # less noise
+    out[f"ascending_b{beta:g}_s{sigma_l:g}"] = (dataclasses.replace(
+        out["ascending"][0], beta=beta, sigma_L=sigma_l), None, "ascending ascent")
   for h0 in (0.03, 0.1):  # a larger first step: fewer steps
     out[f"ascending_h{h0:g}"] = (dataclasses.replace(out["ascending"][0], h0=h0), None,
                                   "ascending ascent")
   out["ascending_euler16"] = (out["ascending"][0], sampling.FAST_COND,
                               "ascending ascent, Euler details")
+  rec = sampling.release_recommended(1)  # what an imported release model carries
+  out["default"] = (rec.low, rec.cond[0], "default (the released models' recommendation)")
   for n, smax, churn in ((18, 1.0, 0.0), (6, 3.0, 0.1), (11, 3.0, 0.1), (18, 3.0, 0.1),
                          (32, 3.0, 0.1), (64, 3.0, 0.1), (18, 3.0, 0.0)):
     flow = sampling.FlowConfig(num_steps=n, mean_0=0.5, sigma_max=smax, churn=churn)
