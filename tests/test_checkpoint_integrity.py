@@ -80,6 +80,9 @@ def test_corrupt_latest_step_falls_back(trained, tmp_path, how):
   assert "using step 4" in warnings[0]
   step4 = wcdm_jax.load_params(str(wd), step=4)
   jax.tree.map(np.testing.assert_array_equal, params.low, step4.low)
+  if how == "truncate":  # step 0 is a valid request; this run has no checkpoint there
+    with pytest.raises(FileNotFoundError, match="has no step 0; it has"):
+      wcdm_jax.load_params(str(wd), step=0)
   # Resuming skips the bad step, keeps it aside, and ends where the intact run ended.
   logs = []
   _run(wd, log=logs.append)

@@ -506,6 +506,12 @@ def test_image_modes_decode_to_their_values(tmp_path):
   for name, want in cases.items():
     got = data.read_image(str(tmp_path / name))
     np.testing.assert_allclose(got, want, atol=1e-6, err_msg=name)
+    # The input pipeline's fast path (8-bit RGB / grey cropped before conversion) gives the
+    # same values, and every other mode takes the full decoding.
+    for channels in (1, 3):
+      fast = data.load_preprocessed(str(tmp_path / name), 2, channels, "none")
+      np.testing.assert_allclose(fast, data.preprocess(got, 2, channels, "none"), atol=1e-6,
+                                 err_msg=(name, channels))
 
 
 def test_exif_orientation_is_applied(tmp_path):

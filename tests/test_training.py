@@ -244,6 +244,8 @@ def test_trim_metrics_drops_only_rows_after_each_nets_resumed_step(tmp_path):
   assert got == [rows[0], {"step": 4, "cond0/loss": 4.0, "steps_per_s": 1.0},
                  {"step": 6, "other/loss": 9.0}]
   assert trainer.trim_metrics(str(path), {"low": 2, "cond0": 4}) == 0  # nothing left to do
+  assert trainer.trim_metrics(str(tmp_path / "none.jsonl"), {"low": 2}) == 0  # no file yet
+  assert trainer.trim_metrics(str(path), {}) == 0 and path.read_text()  # no net resumed
 
 
 def _update_sizes(tx, steps):
