@@ -505,7 +505,7 @@ def sample(key: jax.Array, params: models.ModelParams, num_samples: int | None =
     low_config: sampler of the low-pass net (flat models: of the flat net): an
       ``AscentConfig`` (the stochastic ascent) or a ``FlowConfig`` (the probability flow,
       10-100x fewer network calls); default the model's recommendation
-      (``params.sampling``), else ``DEFAULT_LOW`` (the ascending ascent, about 100 calls;
+      (``params.sampling``), else ``DEFAULT_LOW`` (the ascending ascent, about 150 calls;
       ``RELEASE_LOW`` is the release's, about 8,500).
     cond_config: one config or one per level (finest first); default the model's
       recommendation (``FAST_COND`` for the released models), else the release's ascents (h0
