@@ -471,6 +471,12 @@ def _figure(results: dict, table: dict, path: str) -> None:
                           [(r[key + "_ci"][1] - r[key]) * 1e3 for r in rs]],
                     marker="*" if fam == "release ascent" else "o",
                     ms=12 if fam == "release ascent" else 5, capsize=3, label=fam)
+        for r in rs:  # a missed target, and by how much
+          miss = r.get(f"{key}_vs_release")
+          if miss and not miss["meets"]:
+            over = miss["delta"] - results["tolerance"][part][{"swd": "SWD"}.get(key, key)]
+            ax.annotate(f"misses by {over * 1e3:.0f}", (r["evals"], r[key] * 1e3),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7, color="red")
       for r in rows:
         if r["sampler"] == "real (floor)":
           ax.axhline(r[key] * 1e3, color="k", ls=":", label="real images (floor)")
