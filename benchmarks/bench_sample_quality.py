@@ -29,8 +29,10 @@ Every SWD row also gives the layout distance (quality.layout: the whole 20x20 co
 energy outside the reference's first 16 principal images), which sees what patches miss (a
 face with misplaced parts); a sampler meets the synthesis target when both its paired
 differences to the release's are within the real-vs-real tolerance.
-Samples are cached in OUT/cache/ by model, sampler, count and seed: a rerun only computes
-what is new (the release sampler's set takes about an hour on a 2-core CPU). Prints a table,
+Samples are cached in OUT/cache/ by model, sampler, chunk and seed: a rerun only computes
+what is new. The release sampler's sets (about an hour per 16 samples on a 2-core CPU) are
+kept in benchmarks/sample_cache/ (16 samples of the J = 2 model, 8 of the J = 3 model, with
+their command and keys) and read from there. Prints a table,
 writes OUT/sample_quality.json, OUT/sample_quality.png (SWD against evaluations, one curve
 per sampler family, the release setting marked) and OUT/samples_low.png / samples_full.png
 (each sampler's first 8 samples, one row each).
@@ -103,12 +105,20 @@ def _key(*parts) -> str:
   return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
+# The release sampler's sample sets (about an hour per 16 here), made once by this script and
+# kept in the repository (compressed npz, each with its command, config and keys): a run reads
+# a chunk from here before computing it.
+STORED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_cache")
+
+
 def _cached(path: str, make):
-  """make() -> dict of arrays, stored at ``path`` (npz) and read back on a rerun."""
+  """make() -> dict of arrays, stored at ``path`` (npz) and read back on a rerun (or read from
+  STORED, where the release's sets are kept)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  if os.path.exists(path):
-    with np.load(path) as z:
-      return {k: z[k] for k in z.files}
+  for p in (path, os.path.join(STORED, os.path.basename(path))):
+    if os.path.exists(p):
+      with np.load(p) as z:
+        return {k: z[k] for k in z.files}
   arrays = make()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   np.savez(path + ".tmp.npz", **arrays)
