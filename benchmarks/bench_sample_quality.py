@@ -64,8 +64,6 @@ def samplers():
          "ascending": (dataclasses.replace(sampling.RELEASE_LOW, ascending=True, beta=0.1,
                                            sigma_L=0.05, max_steps=3000),
                        None, "ascending ascent")}
-  # The flow's low-pass starts at mid-grey; the details' at 0, their mean. sigma_max 1 is the
-  # nets' training range; 3 with a little churn measured best on this model's low-pass.
   for beta, sigma_l in ((0.05, 0.05), (0.03, 0.05), (0.1, 0.02), (0.03, 0.1)):  # less noise
     out[f"ascending_b{beta:g}_s{sigma_l:g}"] = (dataclasses.replace(
         out["ascending"][0], beta=beta, sigma_L=sigma_l), None, "ascending ascent")
@@ -76,6 +74,8 @@ def samplers():
                               "ascending ascent, Euler details")
   rec = sampling.release_recommended(1)  # what an imported release model carries
   out["default"] = (rec.low, rec.cond[0], "default (the released models' recommendation)")
+  # The flow's low-pass starts at mid-grey; the details' at 0, their mean. sigma_max 1 is the
+  # nets' training range; 3 with a little churn measured best on this model's low-pass.
   for n, smax, churn in ((18, 1.0, 0.0), (6, 3.0, 0.1), (11, 3.0, 0.1), (18, 3.0, 0.1),
                          (32, 3.0, 0.1), (64, 3.0, 0.1), (18, 3.0, 0.0)):
     flow = sampling.FlowConfig(num_steps=n, mean_0=0.5, sigma_max=smax, churn=churn)
@@ -89,8 +89,8 @@ def samplers():
 
 
 def inverse_samplers():
-  """{name: operator -> SolverConfig}: today's default, faster-stepping ascents, and the
-  constrained flow."""
+  """{name: operator -> SolverConfig}: today's default and the constrained flow at about 20
+  network calls."""
   from wcdm_jax import inverse, sampling  # pylint: disable=g-import-not-at-top
   flow = lambda **kw: lambda op: inverse.SolverConfig(
       sampler=sampling.FlowConfig(mean_0=0.5, **kw))

@@ -96,7 +96,7 @@ def _swd() -> None:
   images = common.load_images(FLAGS.images, size, channels, FLAGS.crop, FLAGS.num_images,
                               FLAGS.split, FLAGS.eval_fraction)
   common.log(f"reference: {len(images)} images of {size}x{size} from {FLAGS.images}")
-  need = 2 * (FLAGS.layout_components + 1)
+  need = quality.layout_reference_size(FLAGS.layout_components)
   if FLAGS.layout_components and len(images) < need:
     common.fail(f"--layout_components={FLAGS.layout_components} needs at least {need} reference "
                 f"images, --images gave {len(images)}: raise --num_images or set "

@@ -234,15 +234,28 @@ class Layout:
   confidence: float = 0.95
 
 
+def layout_reference_size(components: int) -> int:
+  """The fewest reference images ``layout`` takes.
+
+  Args:
+    components: the principal images it fits (on half the reference set).
+
+  Returns:
+    2 (components + 1): half fit the principal images, half are held out.
+  """
+  return 2 * (components + 1)
+
+
 class _Eigenimages:
   """The first ``components`` principal images of half the reference set (drawn with ``rng``),
   of images resized to ``size`` x ``size``; the other half is held out."""
 
   def __init__(self, reference: np.ndarray, size: int, components: int,
                rng: np.random.Generator):
-    if len(reference) < 2 * (components + 1):
+    if len(reference) < layout_reference_size(components):
       raise ValueError(f"layout: {len(reference)} reference images are too few for "
-                       f"components={components}: give at least {2 * (components + 1)} (half "
+                       f"components={components}: give at least "
+                       f"{layout_reference_size(components)} (half "
                        "fit the principal images, half are held out) or fewer components")
     self.size = size
     perm = rng.permutation(len(reference))

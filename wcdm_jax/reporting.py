@@ -20,7 +20,7 @@ class ProgressBar:
     self.start, self.n, self.postfix = time.time(), 0, ""
 
   def update(self, n: int, postfix: str = "") -> None:
-    """Show ``done`` of the total."""
+    """Show ``n`` done of the total (and ``postfix``, kept until replaced)."""
     self.n, self.postfix = n, postfix or self.postfix
     if not self.enabled:
       return

@@ -211,11 +211,16 @@ def release_recommended(levels: int) -> Recommended:
                      (FAST_COND,) * levels or None, (0.0, 0.8) if levels else None)
 
 
+def _release_conds(levels: int) -> tuple[AscentConfig, ...]:
+  """The release's conditional ascents, finest first (sigma_L 0.015 at the finest level)."""
+  return tuple(RELEASE_COND_FINEST if j == 0 else RELEASE_COND for j in range(levels))
+
+
 def release_settings(levels: int) -> Recommended:
   """The authors' released settings for a J-level model: the fixed-step low-pass ascent
   (about 8,500 steps), the conditional ascents, the low-pass rescale to [0, 0.8]."""
-  cond = tuple(RELEASE_COND_FINEST if j == 0 else RELEASE_COND for j in range(levels))
-  return Recommended(RELEASE_LOW, cond or None, (0.0, 0.8) if levels else None)
+  return Recommended(RELEASE_LOW, _release_conds(levels) or None,
+                     (0.0, 0.8) if levels else None)
 
 
 @struct.dataclass
@@ -401,7 +406,7 @@ def _check_config(cfg, name: str) -> Sampler:
 def _cond_configs(spec: models.ModelSpec, cond: Sampler | Sequence[Sampler] | None
                   ) -> tuple[Sampler, ...]:
   if cond is None:
-    return tuple(RELEASE_COND_FINEST if j == 0 else RELEASE_COND for j in range(spec.levels))
+    return _release_conds(spec.levels)
   if isinstance(cond, (AscentConfig, FlowConfig)):
     cond = (cond,) * spec.levels
   elif not isinstance(cond, Sequence):
