@@ -248,8 +248,8 @@ def test_training_loop_never_reads_the_device_between_log_lines(tmp_path, monkey
   def syncing(step_fn):  # a loop that read the step counter every step would fail
     return lambda state, images: (int(state.step), step_fn(state, images))[1]
 
-  make = training.make_train_step
-  monkeypatch.setattr(training, "make_train_step", lambda *a, **k: syncing(make(*a, **k)))
+  make = training.train_step
+  monkeypatch.setattr(training, "train_step", lambda *a, **k: syncing(make(*a, **k)))
   with pytest.raises(RuntimeError, match="between log lines"):
     trainer.train(TINY, data.DataConfig(image_size=16), cfg,
                   dataclasses.replace(run, workdir=str(tmp_path / "b")), log=lambda m: None)

@@ -19,10 +19,12 @@ from conftest import REPO, all_cpus, cli_env, native_variants
 from wcdm_jax import conv, data, models, trainer, training
 
 TRAIN = os.path.join(REPO, "launch", "train.py")
+STEPS = 12  # a checkpoint every step: a kill lands before, during or after a save, >= 3 steps
+# before the end (a run that finishes first would fail the test)
 # 16 features: the middle layers take the native kernels (forward, Winograd, kernel gradient).
 FLAGS = ["--image_size=16", "--levels=1", "--cond_rf=5", "--low_rf=5", "--num_layers=3",
-         "--low_num_layers=3", "--features=16", "--batch_size=8", "--num_steps=24",
-         "--log_every=1", "--eval_every=10", "--checkpoint_every=1", "--keep_checkpoints=2",
+         "--low_num_layers=3", "--features=16", "--batch_size=8", f"--num_steps={STEPS}",
+         "--log_every=1", "--eval_every=5", "--checkpoint_every=1", "--keep_checkpoints=2",
          "--noise_max=100",
          # the run's end-of-training extras, which no test here reads: smaller or off
          "--nofigure", "--noise_scale_batches=1", "--eval_batch_size=4"]
@@ -115,7 +117,7 @@ def _final(workdir):
   """Checksums of every net's final train state, and the logged loss steps."""
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   steps = [r["step"] for r in rows if "low/loss" in r]
-  return {n: _meta(workdir, n, 24)["checksums"]["state"] for n in ("low", "cond0")}, steps
+  return {n: _meta(workdir, n, STEPS)["checksums"]["state"] for n in ("low", "cond0")}, steps
 
 
 def _train(workdir, timeout=300):
@@ -166,7 +168,7 @@ def reference(tmp_path_factory):
 def test_kill_at_a_random_point_then_resume_is_bit_identical(seed, reference, tmp_path):
   rng = np.random.default_rng(seed)
   wd = str(tmp_path / "run")
-  _train_killed_at_step(wd, int(rng.integers(2, 21)), float(rng.uniform(0.0, 0.2)))
+  _train_killed_at_step(wd, int(rng.integers(2, STEPS - 2)), float(rng.uniform(0.0, 0.2)))
   res = _train(wd)
   assert "resumed at step" in res.stdout
   sums, steps = _final(wd)
@@ -178,7 +180,7 @@ def test_kill_at_a_random_point_then_resume_is_bit_identical(seed, reference, tm
 def test_kill_during_an_async_checkpoint_write_then_resume(reference, tmp_path):
   wd = str(tmp_path / "run")
   res = subprocess.run([sys.executable, "-c", _KILL_IN_SAVE, TRAIN, f"--workdir={wd}", *FLAGS],
-                       env=dict(cli_env(), KILL_AT="11"), capture_output=True, text=True,
+                       env=dict(cli_env(), KILL_AT=str(STEPS // 2)), capture_output=True, text=True,
                        timeout=300, cwd=REPO)
   assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
   _train(wd)

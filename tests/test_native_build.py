@@ -73,11 +73,13 @@ def test_cache_key_holds_variant_compiler_and_source():
 @pytest.mark.slow
 def test_every_variant_compiles_on_any_x86_64_host(tmp_path):
   """AVX-512 included: compiling needs no CPU support (loading does), so a change that breaks
-  the AVX-512 build is caught on an AVX2 machine too."""
+  the AVX-512 build is caught on an AVX2 machine too. Into the user's cache: a library there
+  was compiled from this source with these flags (its name holds their hash), and the other
+  tests load the variants this CPU runs from it."""
   if os.uname().machine != "x86_64":
     pytest.skip("x86-64 variants")
   for name in ("avx512", "avx2", "generic"):
-    path = native_build.build(name, str(tmp_path))
+    path = native_build.build(name)
     assert os.path.getsize(path) > 10_000 and native_build._intact(path)
     assert f"_{name}_" in os.path.basename(path)
 
@@ -110,21 +112,41 @@ def test_build_falls_back_to_a_temporary_cache(tmp_path):
 
 
 @needs_cxx
-@pytest.mark.slow
-def test_damaged_or_foreign_cache_entries_are_rebuilt(tmp_path):
+def test_damaged_or_foreign_cache_entries_are_rebuilt(tmp_path, monkeypatch):
   """A truncated library, or another variant's library under this one's name, fails its
-  checksum and is rebuilt before anything opens it."""
-  good = native_build.build("generic", str(tmp_path))
+  checksum and is rebuilt before anything opens it. The intact libraries come from the user's
+  cache; the rebuild runs build()'s own steps (compile into a temporary file, move it and its
+  checksum into place) with the compiler's output stood in by the cached library's bytes:
+  that real builds succeed is test_every_variant_compiles_on_any_x86_64_host's."""
+  cached = native_build.build("generic")
+  good = str(tmp_path / os.path.basename(cached))
+  for suffix in ("", ".sha256"):
+    shutil.copyfile(cached + suffix, good + suffix)
+  compiles = []
+
+  def compiler(cmd, **kwargs):  # the build's `cxx ... -o tmp`
+    compiles.append(cmd)
+    shutil.copyfile(cached, cmd[cmd.index("-o") + 1])
+    return subprocess.CompletedProcess(cmd, 0, "", "")
+
+  monkeypatch.setattr(native_build.subprocess, "run", compiler)
+  assert native_build.build("generic", str(tmp_path)) == good and not compiles  # intact
   with open(good, "rb") as f:
     original = f.read()
-  for damage in ("truncate", "foreign"):
+  other = "avx512" if os.uname().machine == "x86_64" else "generic16"
+  monkeypatch.undo()
+  foreign = native_build.build(other)
+  monkeypatch.setattr(native_build.subprocess, "run", compiler)
+  for n, damage in enumerate(("truncate", "foreign"), 1):
     if damage == "truncate":
       with open(good, "r+b") as f:
         f.truncate(len(original) // 2)
     else:
-      shutil.copyfile(native_build.build("avx512", str(tmp_path)), good)
+      shutil.copyfile(foreign, good)
     assert not native_build._intact(good)
     assert native_build.build("generic", str(tmp_path)) == good
+    assert len(compiles) == n and "-o" in compiles[-1], damage  # rebuilt, once
+    assert native_build._intact(good)
     with open(good, "rb") as f:
       assert f.read() == original
 

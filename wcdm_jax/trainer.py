@@ -272,8 +272,7 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
     if name in resumed:
       log(f"{name}: resumed at step {resumed[name]} from {n['mngr'].directory}")
     n["state"] = training.replicate(n["state"], mesh)
-    n["step_fn"] = training.make_train_step(spec, name, n["tx"], cfg, mesh,
-                                            n["meta"]["noise_scale"], n["idx"])
+    n["step_fn"] = training.train_step(spec, name, cfg, mesh, n["meta"]["noise_scale"], n["idx"])
   try:
     final = _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, log)
     for name in names:
@@ -296,11 +295,15 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
   return final
 
 
+# Compiled once per process for a (spec, net, sigma, conv_impl): runs in one process share it.
+_scale_psnr = jax.jit(evaluation.scale_psnr, static_argnames=("spec", "name", "sigma", "conv_impl"))
+
+
 def _loop(spec, cfg, run, nets, names, source, eval_images, mesh, metrics_path, log):
   """The training loop over global steps (nets at different steps catch up in turn)."""
   writer = reporting.MetricsWriter(metrics_path, enabled=jax.process_index() == 0)
-  eval_fns = {name: jax.jit(lambda v, k, name=name: evaluation.scale_psnr(
-      spec, name, v, eval_images, run.eval_sigma, k, cfg.conv_impl)) for name in names}
+  eval_fns = {name: lambda v, k, name=name: _scale_psnr(
+      spec, name, v, eval_images, run.eval_sigma, k, cfg.conv_impl) for name in names}
   saved = {name: int(n["state"].step) for name, n in nets.items()}  # once, before the loop
   start = min(saved.values())
   end = max(n["total"] for n in nets.values())

@@ -586,6 +586,16 @@ def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransfo
                  donate_argnums=(0,))
 
 
+@functools.lru_cache(maxsize=8)
+def train_step(spec: models.ModelSpec, name: str, cfg: TrainConfig, mesh: Mesh,
+               noise_scale: float = 1.0, net_index: int | None = None) -> Callable:
+  """``make_train_step`` with the net's optimiser (``make_optimizer(spec, name, cfg)``), made
+  once per process for these arguments: another run with the same settings (a resumed run, a
+  sweep in a notebook) reuses its trace and compilation instead of redoing them."""
+  return make_train_step(spec, name, make_optimizer(spec, name, cfg), cfg, mesh, noise_scale,
+                         net_index)
+
+
 def step_key(seed: int, step, net_index: int) -> jax.Array:
   """The RNG key of one net's step: a pure function of (seed, step, net), so resumable.
   ``step`` may be a traced scalar (the train step folds it in on the device)."""
