@@ -49,7 +49,7 @@ def train_figures(spec, batch, steps, dtype, devices=None):
     tx = training.make_optimizer(spec, name, cfg)
     states.append(training.replicate(training.init_state(jax.random.key(i), net, tx, cfg),
                                      mesh))
-    fns.append(training.make_train_step(spec, name, tx, cfg, mesh))
+    fns.append(training.train_step(spec, name, cfg, mesh))  # made once per (settings, mesh)
     shape = jax.ShapeDtypeStruct((batch,) + spec.image_size + (1,), np.float32,
                                  sharding=parallel.batch_sharding(mesh))
     hlo = fns[-1].lower(states[-1], shape).compile().as_text()
