@@ -16,6 +16,7 @@ def _run(script, *args):
   return res.stdout
 
 
+@pytest.mark.slow
 def test_memory_benchmark_runs_and_remat_saves():
   out = _run("bench_memory.py", "--batch=8", "--size=32")
   assert "remat" in out and "less" in out
@@ -53,6 +54,7 @@ def test_accelerator_check_tiny():
     assert what in res.stdout, what
 
 
+@pytest.mark.slow
 def test_scaling_benchmark_reads_the_compiled_steps():
   """bench_scaling's table: every net's step on 2 and 4 simulated devices moves about the
   gradients' bytes (ratio to the lower bound <= 2) with all-reduces only, and its FLOPs per
@@ -81,6 +83,7 @@ def test_input_benchmark_runs(tmp_path):
   assert "images/s consumed" in out
 
 
+@pytest.mark.slow
 def test_inverse_benchmark_runs():
   pytest.importorskip("torch")
   for task in ("inpaint", "cs", "deblur", "sr"):
@@ -119,6 +122,7 @@ print(json.dumps(dict(line=line, late=late, xla=os.environ.get('XLA_FLAGS', ''),
     (("avx2", "generic"), "avx2", None),        # already the CPU's best: nothing to cap
     (("avx512", "avx2", "generic"), "avx512", None),
 ])
+@pytest.mark.slow
 def test_forced_isa_caps_xla_and_torch(isas, isa, capped):
   """--isa below the CPU's best caps XLA and PyTorch at it (an AVX2-only host's view on an
   AVX-512 one), only before jax computes; the CPU's own best leaves both alone."""

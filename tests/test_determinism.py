@@ -70,6 +70,7 @@ _THREADS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_native_gradients_do_not_depend_on_the_thread_count(tmp_path):
   """Every variant, on one core and on all of them (the child widens its affinity: the test
   worker itself may be pinned to a share of the cores)."""

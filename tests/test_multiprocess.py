@@ -103,6 +103,7 @@ def test_two_processes_equal_one(folder, tmp_path):
     (["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
      "must be < --num_processes"),
 ])
+@pytest.mark.slow
 def test_bad_distributed_flags(tmp_path, args, match):
   proc = _train(tmp_path / "wd", 1, *args)
   out = _finish(proc, timeout=120, ok=False)

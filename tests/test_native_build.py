@@ -84,6 +84,7 @@ def test_every_variant_compiles_on_any_x86_64_host(tmp_path):
     assert f"_{name}_" in os.path.basename(path)
 
 
+@pytest.mark.slow
 def test_portable_kernels_cross_compile_for_aarch64(tmp_path):
   """The portable path has no x86 in it: it compiles for aarch64 (compile only)."""
   cxx = shutil.which("aarch64-linux-gnu-g++")
@@ -151,6 +152,7 @@ def test_damaged_or_foreign_cache_entries_are_rebuilt(tmp_path, monkeypatch):
       assert f.read() == original
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_a_library_is_never_opened_on_a_cpu_without_its_isa(tmp_path):
   """With the CPU reporting only 'generic', loading the AVX2 build is refused before dlopen:
@@ -186,6 +188,7 @@ def test_forcing_an_isa_the_cpu_lacks_is_one_line(monkeypatch):
     conv.native_isa.cache_clear()
 
 
+@pytest.mark.slow
 def test_forced_isa_errors_end_a_cli_in_one_line(tmp_path):
   res = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"),
                         f"--workdir={tmp_path / 'w'}", "--num_steps=1"],
@@ -196,6 +199,7 @@ def test_forced_isa_errors_end_a_cli_in_one_line(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["off", "no_compiler", "generic_only_cpu"])
 def test_without_native_kernels_auto_is_xla_and_correct(setting, tmp_path):
   """No kernels (switched off, no compiler, a CPU without AVX2): 'auto' is XLA's convolution,
@@ -228,6 +232,7 @@ def test_without_native_kernels_auto_is_xla_and_correct(setting, tmp_path):
     assert "no AVX2 or AVX-512 on this CPU" in res.stderr
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_forced_generic_kernels_run_and_match_xla(tmp_path):
   """WCDM_JAX_NATIVE_ISA=generic makes 'auto' run the portable kernels."""

@@ -291,9 +291,10 @@ _cli = cli.run  # the entry point's main, in this process
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A run of train.py, in a real process (the smoke test of a whole CLI run)."""
+  """A run of train.py (its main, in this process; real processes train in
+  test_determinism.py and test_multiprocess.py)."""
   wd = tmp_path_factory.mktemp("trained") / "run"
-  res = _process("train.py", f"--workdir={wd}", *TINY)
+  res = _cli("train.py", f"--workdir={wd}", *TINY)
   assert res.returncode == 0, res.stderr[-2000:]
   return wd
 
@@ -431,6 +432,7 @@ def test_cli_bad_input(case, tmp_path, request):
     assert (fixtures["trained"] / "train.flags").read_text() == flags_before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CLI_CASES if c[0] in (
     "train-wavelet", "train-changed-seed", "sample-missing-model", "import-truncated")],
                          ids=lambda c: c[0])
