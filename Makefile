@@ -23,10 +23,11 @@ quickstart: setup
 test: setup
 	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile tests
 
-# The edit-test loop: everything but the end-to-end runs marked slow (full CLI trainings,
-# reproductions, benchmarks' smoke runs, multi-process runs).
+# The edit-test loop: the tests that run in the test process; those marked slow (they start
+# Python processes: CLI runs, kill-and-resume, benchmarks' smoke runs, multi-process runs, or
+# run a reproduction or a docs build) are skipped.
 test-fast: setup
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile -m "not slow" tests
+	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 $(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile -m "not slow" tests
 
 # The documentation site (Sphinx + MyST, API reference from the docstrings) into docs/_build/html;
 # warnings (a broken cross-reference, a malformed docstring) fail the build.

@@ -24,7 +24,8 @@ def _source(folder, batch=8, **kw):
   return data.make_source(cfg, batch, seed=3)
 
 
-@pytest.mark.parametrize("workers,processes", [(1, False), (3, False), (2, True)])
+@pytest.mark.parametrize("workers,processes", [
+    (1, False), (3, False), pytest.param(2, True, marks=pytest.mark.slow)])  # slow: processes
 def test_batches_are_the_sources_and_resume_exactly(folder, workers, processes):
   src = _source(folder)
   with pipeline.Batches(src, 0, 12, workers, processes) as it:
@@ -93,7 +94,13 @@ def test_unreadable_file_mid_run_is_replaced_and_named(tmp_path, folder, caplog)
       np.testing.assert_array_equal(after[s], before[s])
   np.testing.assert_array_equal(after[2][0], src.fetch.read(i + 1))  # the next file
   np.testing.assert_array_equal(after[2][1:], before[2][1:])
-  # More unreadable files than max_bad_fraction (2 of 40): the run fails, naming a file.
+
+
+@pytest.mark.slow  # worker processes
+def test_too_many_unreadable_files_end_the_run_naming_one(tmp_path, folder):
+  """More unreadable files than max_bad_fraction (2 of 40): the run fails, naming a file."""
+  for f in os.listdir(folder):
+    (tmp_path / f).write_bytes((folder / f).read_bytes())
   src = _source(tmp_path, max_bad_fraction=0.05)
   for f in src.fetch.files[:4]:
     _truncate(f)
