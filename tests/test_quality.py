@@ -1,5 +1,4 @@
 """quality.swd: the multi-scale sliced Wasserstein distance orders degraded sets after real ones."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

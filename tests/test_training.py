@@ -22,6 +22,22 @@ def _state_and_step(spec, name, cfg, devices):
   return mesh, state, training.make_train_step(spec, name, tx, cfg, mesh, noise_scale=0.5)
 
 
+def test_train_step_is_made_once_per_settings_and_is_make_train_steps():
+  """training.train_step: the same object for equal settings (a mesh made again included),
+  another for other settings; its step is make_train_step's with the net's optimiser."""
+  cfg = training.TrainConfig(batch_size=8, num_steps=2)
+  mesh = training.make_mesh(jax.devices()[:1])
+  step = training.train_step(TINY, "cond0", cfg, mesh, 0.5)
+  assert training.train_step(TINY, "cond0", cfg, training.make_mesh(jax.devices()[:1]), 0.5) is step
+  assert training.train_step(TINY, "cond0", dataclasses.replace(cfg, seed=1), mesh, 0.5) is not step
+  src = data.make_source(data.DataConfig(image_size=16), 8, seed=3)
+  _, state, made = _state_and_step(TINY, "cond0", cfg, jax.devices()[:1])
+  images = training.global_batch(src.batch(0), mesh)
+  copy = jax.tree.map(jnp.copy, state)  # the steps donate their input state
+  a, b = jax.device_get(made(state, images)), jax.device_get(step(copy, images))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
 @pytest.mark.parametrize("name", ["low", "cond0"])
 def test_four_devices_equal_one(name):
   assert len(jax.devices()) >= 4, "conftest sets 4 simulated CPU devices"
