@@ -1,6 +1,6 @@
 r"""Sampled mutation testing of the core modules: does the CPU suite catch plausible bugs?
 
-  python tests/mutation_sample.py --per_module=4 --seed=0          # about 25 minutes
+  python tests/mutation_sample.py --per_module=4 --seed=0          # about 20 minutes
   python tests/mutation_sample.py --modules=wavelets --per_module=3
 
 For each core module, collects every one-token mutation the AST offers (arithmetic and
