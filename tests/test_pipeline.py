@@ -76,9 +76,14 @@ def _truncate(path):
     f.write(head)
 
 
-def test_unreadable_file_mid_run_is_replaced_and_named(tmp_path, folder, caplog):
+def _copy(folder, dst):
+  """The images of ``folder`` copied into ``dst`` (a test may damage them there)."""
   for f in os.listdir(folder):
-    (tmp_path / f).write_bytes((folder / f).read_bytes())
+    (dst / f).write_bytes((folder / f).read_bytes())
+
+
+def test_unreadable_file_mid_run_is_replaced_and_named(tmp_path, folder, caplog):
+  _copy(folder, tmp_path)
   src = _source(tmp_path, max_bad_fraction=0.05, flips=False)
   before = [src.batch(s) for s in range(5)]
   i = int(src.indices(2)[0])
@@ -99,8 +104,7 @@ def test_unreadable_file_mid_run_is_replaced_and_named(tmp_path, folder, caplog)
 @pytest.mark.slow  # worker processes
 def test_too_many_unreadable_files_end_the_run_naming_one(tmp_path, folder):
   """More unreadable files than max_bad_fraction (2 of 40): the run fails, naming a file."""
-  for f in os.listdir(folder):
-    (tmp_path / f).write_bytes((folder / f).read_bytes())
+  _copy(folder, tmp_path)
   src = _source(tmp_path, max_bad_fraction=0.05)
   for f in src.fetch.files[:4]:
     _truncate(f)

@@ -251,7 +251,7 @@ def train(spec: models.ModelSpec, data_cfg: data.DataConfig, cfg: training.Train
             spec, [source.batch(i) for i in range(run.noise_scale_batches)]) if spec.levels else {}
       meta = {"net": name, "noise_scale": scales.get(name, 1.0),
               "train_config": dataclasses.asdict(cfg), "data_config": dataclasses.asdict(data_cfg)}
-    nets[name] = dict(idx=list(spec.nets).index(name), state=state, mngr=mngr, meta=meta, tx=tx,
+    nets[name] = dict(idx=list(spec.nets).index(name), state=state, mngr=mngr, meta=meta,
                       total=training.net_num_steps(spec, name, cfg))
 
   # Validated: now write.
