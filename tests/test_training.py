@@ -30,6 +30,8 @@ def test_train_step_is_made_once_per_settings_and_is_make_train_steps():
   step = training.train_step(TINY, "cond0", cfg, mesh, 0.5)
   assert training.train_step(TINY, "cond0", cfg, training.make_mesh(jax.devices()[:1]), 0.5) is step
   assert training.train_step(TINY, "cond0", dataclasses.replace(cfg, seed=1), mesh, 0.5) is not step
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):  # not "unhashable"
+    training.train_step(TINY, "cond0", cfg, list(mesh.devices.flat), 0.5)
   src = data.make_source(data.DataConfig(image_size=16), 8, seed=3)
   _, state, made = _state_and_step(TINY, "cond0", cfg, jax.devices()[:1])
   images = training.global_batch(src.batch(0), mesh)

@@ -586,12 +586,17 @@ def make_train_step(spec: models.ModelSpec, name: str, tx: optax.GradientTransfo
                  donate_argnums=(0,))
 
 
-@functools.lru_cache(maxsize=8)
 def train_step(spec: models.ModelSpec, name: str, cfg: TrainConfig, mesh: Mesh,
                noise_scale: float = 1.0, net_index: int | None = None) -> Callable:
   """``make_train_step`` with the net's optimiser (``make_optimizer(spec, name, cfg)``), made
   once per process for these arguments: another run with the same settings (a resumed run, a
   sweep in a notebook) reuses its trace and compilation instead of redoing them."""
+  parallel.check_mesh(mesh)  # its message, not the cache's "unhashable type"
+  return _cached_train_step(spec, name, cfg, mesh, noise_scale, net_index)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_train_step(spec, name, cfg, mesh, noise_scale, net_index):
   return make_train_step(spec, name, make_optimizer(spec, name, cfg), cfg, mesh, noise_scale,
                          net_index)
 
